@@ -1,0 +1,126 @@
+"""KB enrichment by metalearning: K mini-tasks adapted in parallel, then a weighted Reptile step.
+
+One round (MARK_SPEC.md, step 4): sample K training batches; for each, start from the
+current KB and a fresh temporary head and take `inner_steps` SGD steps on KB + head with
+the task's fixed masks (a `lax.scan`; the K mini-tasks run under `jax.vmap`); measure each
+adapted copy's accuracy acc_k; then move the KB with the pseudo-gradient
+`theta - sum_k w_k theta_k` (w_k = acc_k / sum acc) through an optax optimiser.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mark_jax import data as data_lib
+from mark_jax.models import Networks
+from mark_jax.phases import sgd
+
+
+def accuracy_weights(accuracies: jax.Array) -> jax.Array:
+  """w_k = acc_k / sum(acc); uniform when every mini-task scored zero."""
+  total = jnp.sum(accuracies)
+  uniform = jnp.full_like(accuracies, 1.0 / accuracies.shape[0])
+  return jnp.where(total > 0, accuracies / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def reptile_update(
+  knowledge_base,
+  adapted,
+  accuracies: jax.Array,
+  optimizer: optax.GradientTransformation,
+  sign: float = 1.0,
+):
+  """The weighted Reptile step on the KB.
+
+  Args:
+    knowledge_base: current KB variables theta.
+    adapted: the K adapted copies theta_k, stacked on a leading axis.
+    accuracies: (K,) accuracy of each adapted copy.
+    optimizer: stateless optax optimiser for the outer step (a fresh state each round).
+    sign: +1 for the paper's Reptile (towards the adapted copies); -1 for the authors'
+      code, which hands sum_k w_k (theta_k - theta) to SGD as the gradient.
+
+  Returns:
+    The updated KB.
+  """
+  weights = accuracy_weights(accuracies)
+  target = jax.tree.map(lambda a: jnp.tensordot(weights, a, axes=1), adapted)
+  pseudo_grad = jax.tree.map(lambda t, m: sign * (t - m), knowledge_base, target)
+  updates, _ = optimizer.update(pseudo_grad, optimizer.init(knowledge_base), knowledge_base)
+  return optax.apply_updates(knowledge_base, updates)
+
+
+def make_meta_round(
+  nets: Networks,
+  config,
+  mean,
+  std,
+  mini_task_map: Callable = jax.vmap,
+):
+  """Builds one metalearning round `(knowledge_base, task, images, labels, rng) -> (kb, metrics)`.
+
+  Args:
+    nets: the module definitions.
+    config: the run config (mini_tasks, inner_steps, batch_size, optimiser settings,
+      meta_sign, meta_accuracy_batch, use_masks).
+    mean: normalisation mean.
+    std: normalisation std.
+    mini_task_map: maps the single mini-task adaptation over the K mini-tasks (all
+      arguments batched on axis 0); jax.vmap, or a Python loop in tests.
+
+  Returns:
+    The un-jitted round function (jit it, or compose it under further transforms).
+  """
+  num_mini_tasks, batch_size = config.mini_tasks, config.batch_size
+  inner_optimizer = sgd(
+    config.inner_learning_rate, momentum=config.momentum, weight_decay=config.inner_weight_decay
+  )
+  meta_optimizer = sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay)
+  sign = {"paper": 1.0, "authors": -1.0}[config.meta_sign]
+  separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
+
+  def loss_fn(params, images, labels, masks, rng):
+    logits = nets.logits(params, images, masks, train=True, rng=rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
+    """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, last loss)."""
+    params = {"knowledge_base": knowledge_base, "head": head}
+
+    def step(carry, key):
+      params, opt_state = carry
+      loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, masks, key)
+      updates, opt_state = inner_optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    keys = jax.random.split(rng, config.inner_steps)
+    (params, _), losses = lax.scan(step, (params, inner_optimizer.init(params)), keys)
+    logits = nets.logits(params, eval_images, eval_masks, train=False, rng=None)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == eval_labels)
+    return params["knowledge_base"], accuracy, losses[-1]
+
+  def meta_round(knowledge_base, task, images, labels, rng):
+    order_key, head_key, inner_key = jax.random.split(rng, 3)
+    num_batches = num_mini_tasks * (2 if separate_eval_batch else 1)
+    needed = num_batches * batch_size
+    order = jax.random.permutation(order_key, labels.shape[0])
+    order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
+    x = data_lib.normalize(images[order], mean, std)
+    y = labels[order]
+    model = {**task, "knowledge_base": knowledge_base}
+    masks = jax.vmap(lambda batch: nets.masks(model, batch, config.use_masks))(x)
+    train = (x, y, masks)
+    evaluation = jax.tree.map(lambda a: a[num_mini_tasks:], train) if separate_eval_batch else train
+    train = jax.tree.map(lambda a: a[:num_mini_tasks], train)
+    heads = jax.vmap(nets.init_head)(jax.random.split(head_key, num_mini_tasks))
+    adapted, accuracies, losses = mini_task_map(functools.partial(adapt, knowledge_base))(
+      heads, *train, *evaluation, jax.random.split(inner_key, num_mini_tasks)
+    )
+    new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, sign)
+    return new_kb, {"inner_loss": jnp.mean(losses), "mini_task_accuracy": jnp.mean(accuracies)}
+
+  return meta_round

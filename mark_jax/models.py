@@ -1,0 +1,262 @@
+"""MARK's networks as Flax (Linen) modules.
+
+Data flow for an image x of task t:
+
+  features = FeatureExtractor^t(x)          # F^t, frozen after its own phase
+  masks    = MaskGenerator^t(features)      # M^t: one (batch, channels) array per KB block
+  latent   = KnowledgeBase(x, masks)        # KB, shared by all tasks
+  logits   = Head^t(latent)                 # C^t
+
+Every layer is initialised as PyTorch initialises it (uniform in +-1/sqrt(fan_in) for
+weights and biases), so that a fresh model behaves like the authors' one; MARK_SPEC.md
+shows that this matters for the masks.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Masks = tuple[jax.Array, ...]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default initialiser for Linear/Conv weights and biases.
+
+  Args:
+    fan_in: number of inputs of one output unit (in_features * kernel area).
+
+  Returns:
+    An initialiser drawing uniformly from [-1/sqrt(fan_in), 1/sqrt(fan_in)].
+  """
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """Picks the convolution's form for the current backend.
+
+  XLA:CPU runs native convolutions very slowly inside rolled loops and under vmap
+  (PERF_NOTES.md); image patches followed by a matmul avoid both. Accelerators run the
+  native convolution best.
+
+  Args:
+    conv_impl: 'native', 'patches' or 'auto'.
+
+  Returns:
+    'native' or 'patches'.
+  """
+  if conv_impl == "auto":
+    return "patches" if jax.default_backend() == "cpu" else "native"
+  if conv_impl not in ("native", "patches"):
+    raise ValueError(f"conv_impl must be 'auto', 'native' or 'patches', got {conv_impl!r}")
+  return conv_impl
+
+
+class Dense(nn.Module):
+  """Fully connected layer with PyTorch's default initialisation."""
+
+  features: int
+  bias_init: nn.initializers.Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = torch_uniform(x.shape[-1])
+    kernel = self.param("kernel", init, (x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init or init, (self.features,))
+    return x @ kernel + bias
+
+
+class Conv(nn.Module):
+  """VALID, stride-1 2D convolution (NHWC) in either of two numerically equal forms.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    impl: 'native' (lax.conv_general_dilated) or 'patches' (image patches + matmul).
+  """
+
+  features: int
+  kernel_size: int
+  impl: str = "native"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    size, channels = self.kernel_size, x.shape[-1]
+    init = torch_uniform(channels * size * size)
+    kernel = self.param("kernel", init, (size, size, channels, self.features))
+    bias = self.param("bias", init, (self.features,))
+    if self.impl == "native":
+      y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+    else:
+      patches = lax.conv_general_dilated_patches(
+        x, (size, size), (1, 1), "VALID", dimension_numbers=_NHWC
+      )
+      # Patch features are ordered (channel, row, column), channel most major.
+      y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+    return y + bias
+
+
+def _pool(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class KnowledgeBase(nn.Module):
+  """The shared KB: masked conv blocks, then a dense latent layer.
+
+  Attributes:
+    channels: output channels of each block.
+    kernel_sizes: kernel side of each block.
+    latent_dim: width of the latent layer.
+    dropout_rate: dropout after the latent layer (training only).
+    conv_impl: 'native' or 'patches'.
+  """
+
+  channels: Sequence[int]
+  kernel_sizes: Sequence[int]
+  latent_dim: int
+  dropout_rate: float = 0.5
+  conv_impl: str = "native"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, masks: Masks, *, train: bool) -> jax.Array:
+    """Args: x (batch, H, W, C) normalised images; masks one (batch, channels) per block."""
+    for channels, size, mask in zip(self.channels, self.kernel_sizes, masks, strict=True):
+      x = _pool(nn.relu(Conv(channels, size, self.conv_impl)(x)))
+      x = x * mask[:, None, None, :]
+    x = nn.relu(Dense(self.latent_dim)(x.reshape(x.shape[0], -1)))
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class FeatureExtractor(nn.Module):
+  """F^t: two conv + batch-norm blocks and a dense layer."""
+
+  channels: Sequence[int]
+  kernel_sizes: Sequence[int]
+  feature_dim: int
+  conv_impl: str = "native"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    """Args: x images; train uses batch statistics; mask (batch,) marks real examples."""
+    bn_mask = None if mask is None else mask[:, None, None, None]
+    for channels, size in zip(self.channels, self.kernel_sizes, strict=True):
+      x = Conv(channels, size, self.conv_impl)(x)
+      # PyTorch's BatchNorm2d: momentum 0.1 (Flax counts it the other way), eps 1e-5.
+      norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+      x = _pool(
+        nn.relu(norm(x, mask=None if bn_mask is None else jnp.broadcast_to(bn_mask, x.shape)))
+      )
+    return nn.relu(Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+
+
+class MaskGenerator(nn.Module):
+  """M^t: one dense layer + activation per KB block, from F^t's features.
+
+  Attributes:
+    channels: channels of each KB block (one mask width each).
+    activation: 'relu' (authors' `use_relu: True`) or 'sigmoid'.
+    bias_init: None for the default (PyTorch) initialisation, or a constant.
+  """
+
+  channels: Sequence[int]
+  activation: str = "relu"
+  bias_init: float | None = None
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> Masks:
+    act = {"relu": nn.relu, "sigmoid": nn.sigmoid}[self.activation]
+    bias_init = None if self.bias_init is None else nn.initializers.constant(self.bias_init)
+    return tuple(act(Dense(c, bias_init=bias_init)(features)) for c in self.channels)
+
+
+class Head(nn.Module):
+  """C^t: a linear classifier on the KB's latent output."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, latent: jax.Array) -> jax.Array:
+    return Dense(self.num_classes)(latent)
+
+
+def ones_masks(batch: int, channels: Sequence[int]) -> Masks:
+  """All-ones masks: the KB unmasked (KB pretraining, the no-mask ablations)."""
+  return tuple(jnp.ones((batch, c), jnp.float32) for c in channels)
+
+
+class Networks:
+  """The four module definitions of one MARK configuration, shapes from the input size.
+
+  Kernel sizes follow the authors: input_size // 8, input_size // 10, then 2 for the KB;
+  input_size // 8, input_size // 10 for F^t.
+  """
+
+  def __init__(self, model_config: Any, image_size: int, num_classes: int):
+    first, second = image_size // 8, image_size // 10
+    conv_impl = resolve_conv_impl(model_config.conv_impl)
+    self.kb_channels = tuple(model_config.kb_channels)
+    self.knowledge_base = KnowledgeBase(
+      channels=self.kb_channels,
+      kernel_sizes=(first, second, 2),
+      latent_dim=model_config.latent_dim,
+      dropout_rate=model_config.dropout_rate,
+      conv_impl=conv_impl,
+    )
+    self.feature_extractor = FeatureExtractor(
+      channels=tuple(model_config.feature_channels),
+      kernel_sizes=(first, second),
+      feature_dim=model_config.latent_dim,
+      conv_impl=conv_impl,
+    )
+    self.mask_generator = MaskGenerator(
+      channels=self.kb_channels,
+      activation=model_config.mask_activation,
+      bias_init=model_config.mask_bias_init,
+    )
+    self.head = Head(num_classes)
+    self.image_shape = (image_size, image_size, 3)
+
+  def init_knowledge_base(self, rng: jax.Array) -> dict:
+    """Fresh KB variables ({'params': ...})."""
+    image = jnp.zeros((1, *self.image_shape), jnp.float32)
+    return self.knowledge_base.init(rng, image, ones_masks(1, self.kb_channels), train=False)
+
+  def init_task(self, rng: jax.Array) -> dict:
+    """Fresh variables of one task's F^t, M^t and C^t."""
+    fe_key, mg_key, head_key = jax.random.split(rng, 3)
+    image = jnp.zeros((1, *self.image_shape), jnp.float32)
+    feature_dim = self.feature_extractor.feature_dim
+    return {
+      "feature_extractor": self.feature_extractor.init(fe_key, image, train=False),
+      "mask_generator": self.mask_generator.init(mg_key, jnp.zeros((1, feature_dim))),
+      "head": self.init_head(head_key),
+    }
+
+  def init_head(self, rng: jax.Array) -> dict:
+    return self.head.init(rng, jnp.zeros((1, self.knowledge_base.latent_dim)))
+
+  def masks(self, model: dict, images: jax.Array, use_masks: bool) -> Masks:
+    """Per-example masks from the task's frozen F^t (inference mode) and M^t."""
+    if not use_masks:
+      return ones_masks(images.shape[0], self.kb_channels)
+    features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)
+    return self.mask_generator.apply(model["mask_generator"], features)
+
+  def logits(
+    self, model: dict, images: jax.Array, masks: Masks, *, train: bool, rng: jax.Array | None
+  ) -> jax.Array:
+    """Head^t(KB(images, masks)); `train` switches the KB's dropout on."""
+    rngs = {"dropout": rng} if train else {}
+    latent = self.knowledge_base.apply(
+      model["knowledge_base"], images, masks, train=train, rngs=rngs
+    )
+    return self.head.apply(model["head"], latent)

@@ -1,0 +1,230 @@
+"""MARK's gradient-descent phases as pure step functions compiled one epoch at a time.
+
+A phase trains some of a task's variables and keeps the rest fixed. Its step is a pure
+function `(state, batch, rng) -> (state, metrics)` where state holds the trained
+`params`, their `opt_state` and `model_state` (F^t's batch-norm statistics, for the phase
+that trains F^t). An epoch is one jitted `lax.scan` over the batches of a seeded
+permutation of the task's on-device training data; the last batch is padded and its
+padding carries weight 0, so every image counts once per epoch as in a PyTorch loader.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mark_jax import data as data_lib
+from mark_jax.models import Networks
+
+# loss_fn(params, model_state, frozen, batch, rng) -> (loss, (correct, model_state))
+LossFn = Callable
+
+
+def clip_per_group(max_norm: float, groups: tuple[str, ...]) -> optax.GradientTransformation:
+  """Clips the gradient of each top-level params entry to its own global norm.
+
+  This is PyTorch's `clip_grad_norm_` called once per module, as the authors do for F^t
+  and its probe classifier.
+  """
+  clip = optax.clip_by_global_norm(max_norm)
+  return optax.multi_transform({g: clip for g in groups}, lambda params: {k: k for k in params})
+
+
+def sgd(
+  learning_rate: float,
+  *,
+  momentum: float,
+  weight_decay: float,
+  clip: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
+  """PyTorch's SGD as an optax chain: decay added to the gradient, then momentum.
+
+  Args:
+    learning_rate: step size.
+    momentum: heavy-ball momentum (0 for none).
+    weight_decay: L2 coefficient added to the gradient (PyTorch `weight_decay`).
+    clip: an optional gradient clipping applied first.
+
+  Returns:
+    The optax transformation.
+  """
+  parts = [] if clip is None else [clip]
+  parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+  return optax.chain(*parts)
+
+
+def weighted_cross_entropy(logits, labels, weights) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy over weighted examples, and the weighted count of correct ones."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+  return loss, correct
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase: what it trains, its loss and its optimiser.
+
+  Attributes:
+    name: for logs.
+    trainable: top-level entries of the model dict trained by this phase.
+    loss_fn: see LossFn above.
+    optimizer: the optax optimiser of the trained params.
+    use_masks: whether the phase's model applies M^t's masks (for evaluation).
+  """
+
+  name: str
+  trainable: tuple[str, ...]
+  loss_fn: LossFn
+  optimizer: optax.GradientTransformation
+  use_masks: bool = True
+
+
+def train_step(phase: Phase, frozen: dict, state: dict, batch: dict, rng: jax.Array):
+  """One SGD step of `phase`; `functools.partial(train_step, phase, frozen)` is the
+  phase's pure `(state, batch, rng) -> (state, metrics)` step."""
+  grad_fn = jax.value_and_grad(phase.loss_fn, has_aux=True)
+  (loss, (correct, model_state)), grads = grad_fn(
+    state["params"], state["model_state"], frozen, batch, rng
+  )
+  updates, opt_state = phase.optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  count = jnp.sum(batch["weight"])
+  metrics = {"loss_sum": loss * count, "correct": correct, "count": count}
+  return {"params": params, "opt_state": opt_state, "model_state": model_state}, metrics
+
+
+def init_state(phase: Phase, params: dict, model_state=None) -> dict:
+  """A phase's step state with a fresh optimiser (every phase starts one, as the authors)."""
+  return {
+    "params": params,
+    "opt_state": phase.optimizer.init(params),
+    "model_state": {} if model_state is None else model_state,
+  }
+
+
+def batch_indices(rng: jax.Array, num_examples: int, batch_size: int):
+  """A seeded epoch order cut into batches; the last batch is padded with weight 0.
+
+  Returns:
+    (indices, weights), both (num_batches, batch_size).
+  """
+  num_batches = -(-num_examples // batch_size)
+  padding = num_batches * batch_size - num_examples
+  order = jnp.concatenate(
+    [jax.random.permutation(rng, num_examples), jnp.zeros(padding, jnp.int32)]
+  )
+  weights = (jnp.arange(num_batches * batch_size) < num_examples).astype(jnp.float32)
+  return order.reshape(num_batches, batch_size), weights.reshape(num_batches, batch_size)
+
+
+def make_epoch_fn(phase: Phase, batch_size: int):
+  """Compiles one epoch of `phase`: `(state, frozen, images, labels, rng) -> (state, metrics)`.
+
+  The state is donated; metrics are the epoch's mean loss and accuracy, computed on device.
+  """
+
+  def run_epoch(state, frozen, images, labels, rng):
+    order_key, step_key = jax.random.split(rng)
+    indices, weights = batch_indices(order_key, labels.shape[0], batch_size)
+    step = functools.partial(train_step, phase, frozen)
+
+    def body(state, xs):
+      idx, weight, key = xs
+      return step(state, {"image": images[idx], "label": labels[idx], "weight": weight}, key)
+
+    keys = jax.random.split(step_key, indices.shape[0])
+    state, metrics = lax.scan(body, state, (indices, weights, keys))
+    totals = jax.tree.map(jnp.sum, metrics)
+    return state, {
+      "loss": totals["loss_sum"] / totals["count"],
+      "accuracy": totals["correct"] / totals["count"],
+    }
+
+  return jax.jit(run_epoch, donate_argnums=0)
+
+
+def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
+  """The phases of MARK_SPEC.md with the config's optimisers."""
+  normalize = functools.partial(data_lib.normalize, mean=mean, std=std)
+
+  def feature_loss(params, batch_stats, frozen, batch, rng):
+    del frozen, rng
+    images = normalize(batch["image"])
+    features, updates = nets.feature_extractor.apply(
+      {"params": params["feature_extractor"], "batch_stats": batch_stats},
+      images,
+      train=True,
+      mask=batch["weight"] > 0,
+      mutable=["batch_stats"],
+    )
+    logits = nets.head.apply(params["probe"], features)
+    loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
+    return loss, (correct, updates["batch_stats"])
+
+  def masked_model_loss(use_masks, params, model_state, frozen, batch, rng):
+    model = {**frozen, **params}
+    images = normalize(batch["image"])
+    masks = nets.masks(model, images, use_masks)
+    logits = nets.logits(model, images, masks, train=True, rng=rng)
+    loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
+    return loss, (correct, model_state)
+
+  task_sgd = functools.partial(
+    sgd, config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+  )
+  with_masks = functools.partial(masked_model_loss, config.use_masks)
+  return {
+    "feature_extractor": Phase(
+      "feature_extractor",
+      ("feature_extractor", "probe"),
+      feature_loss,
+      task_sgd(clip=clip_per_group(config.feature_grad_clip, ("feature_extractor", "probe"))),
+      use_masks=False,
+    ),
+    "kb_pretrain": Phase(
+      "kb_pretrain",
+      ("knowledge_base", "head"),
+      functools.partial(masked_model_loss, False),
+      task_sgd(),
+      use_masks=False,
+    ),
+    # Steps 3 and 5 (masks, consolidation) are the same phase, run twice.
+    "masks": Phase(
+      "masks", ("mask_generator", "head"), with_masks, task_sgd(), use_masks=config.use_masks
+    ),
+    "kb_sgd": Phase(
+      "kb_sgd",
+      ("knowledge_base", "head"),
+      with_masks,
+      sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay),
+      use_masks=config.use_masks,
+    ),
+  }
+
+
+def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):
+  """`accuracy(model, images, labels, weights, use_masks)` of one task, in eval mode.
+
+  images (N, H, W, 3) with N a multiple of eval_batch_size; weights mark real examples.
+  Not jitted: callers jit it alone or under vmap over tasks.
+  """
+
+  def accuracy(model, images, labels, weights, use_masks):
+    chunks = lambda a: a.reshape(-1, eval_batch_size, *a.shape[1:])  # noqa: E731
+
+    def body(correct, xs):
+      chunk_images, chunk_labels, chunk_weights = xs
+      x = data_lib.normalize(chunk_images, mean, std)
+      logits = nets.logits(model, x, nets.masks(model, x, use_masks), train=False, rng=None)
+      return correct + jnp.sum((jnp.argmax(logits, -1) == chunk_labels) * chunk_weights), None
+
+    correct, _ = lax.scan(body, 0.0, (chunks(images), chunks(labels), chunks(weights)))
+    return correct / jnp.maximum(jnp.sum(weights), 1.0)
+
+  return accuracy

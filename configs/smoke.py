@@ -14,9 +14,9 @@ def get_config():
   config = cifar100.get_config()
   config.dataset = "synthetic"
   config.synthetic.num_classes = 15
-  config.synthetic.train_per_class = 60
+  config.synthetic.train_per_class = 100
   config.synthetic.test_per_class = 20
-  config.batch_size = 32
+  config.batch_size = 64
   config.eval_batch_size = 100
   config.epochs = 3
   config.meta_rounds = 1

@@ -1,0 +1,103 @@
+"""The weighted Reptile step and the vmapped mini-task adaptation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mark_jax import data, metalearning, models
+from mark_jax.phases import sgd
+
+from tiny import tiny_config
+
+
+def _tree(seed):
+  key1, key2 = jax.random.split(jax.random.PRNGKey(seed))
+  return {"w": jax.random.normal(key1, (3, 4)), "b": jax.random.normal(key2, (4,))}
+
+
+def _distance(a, b):
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return sum(float(jnp.sum((x - y) ** 2)) for x, y in pairs)
+
+
+@pytest.fixture
+def reptile_inputs():
+  theta = _tree(0)
+  adapted = [_tree(k + 1) for k in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *adapted)
+  accuracies = jnp.array([0.2, 0.5, 0.3])
+  weights = np.array([0.2, 0.5, 0.3])
+  target = jax.tree.map(lambda *a: sum(w * x for w, x in zip(weights, a, strict=True)), *adapted)
+  return theta, stacked, accuracies, target
+
+
+def test_paper_sign_moves_towards_the_weighted_mean(reptile_inputs):
+  theta, stacked, accuracies, target = reptile_inputs
+  step = 0.1
+  new = metalearning.reptile_update(
+    theta, stacked, accuracies, sgd(step, momentum=0.0, weight_decay=0.0), sign=1.0
+  )
+  expected = jax.tree.map(lambda t, m: t + step * (m - t), theta, target)
+  for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert _distance(new, target) < _distance(theta, target)
+
+
+def test_authors_sign_moves_away(reptile_inputs):
+  theta, stacked, accuracies, target = reptile_inputs
+  new = metalearning.reptile_update(
+    theta, stacked, accuracies, sgd(0.1, momentum=0.0, weight_decay=0.0), sign=-1.0
+  )
+  assert _distance(new, target) > _distance(theta, target)
+
+
+def test_weight_decay_shrinks_the_kb(reptile_inputs):
+  theta, _, accuracies, _ = reptile_inputs
+  same = jax.tree.map(lambda a: jnp.stack([a] * 3), theta)  # adapted copies == theta
+  new = metalearning.reptile_update(
+    theta, same, accuracies, sgd(0.1, momentum=0.0, weight_decay=0.5)
+  )
+  for got, start in zip(jax.tree.leaves(new), jax.tree.leaves(theta), strict=True):
+    np.testing.assert_allclose(got, start * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_accuracy_weights():
+  np.testing.assert_allclose(metalearning.accuracy_weights(jnp.array([1.0, 3.0])), [0.25, 0.75])
+  np.testing.assert_allclose(metalearning.accuracy_weights(jnp.zeros(4)), [0.25] * 4)
+
+
+def _loop_map(fn):
+  """jax.vmap's contract, as a Python loop over the mini-tasks."""
+
+  def mapped(*args):
+    size = jax.tree.leaves(args)[0].shape[0]
+    outs = [fn(*jax.tree.map(lambda a, k=k: a[k], args)) for k in range(size)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  return mapped
+
+
+@pytest.mark.parametrize("accuracy_batch", ["same", "next"])
+def test_vmapped_round_equals_python_loop(accuracy_batch):
+  config = tiny_config(meta_accuracy_batch=accuracy_batch, inner_steps=4, mini_tasks=3)
+  config.conv_impl = "patches"
+  nets = models.Networks(config, 32, 5)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  task = nets.init_task(jax.random.PRNGKey(1))
+  train, _ = data.synthetic_splits(
+    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
+  )
+  args = (task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2))
+  mean, std = data.CIFAR_MEAN, data.CIFAR_STD
+  vmapped = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
+  looped = jax.jit(metalearning.make_meta_round(nets, config, mean, std, mini_task_map=_loop_map))
+  kb_v, metrics_v = vmapped(kb, *args)
+  kb_l, metrics_l = looped(kb, *args)
+  for got, want in zip(jax.tree.leaves(kb_v), jax.tree.leaves(kb_l), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(metrics_v["inner_loss"], metrics_l["inner_loss"], rtol=1e-4)
+  np.testing.assert_allclose(
+    metrics_v["mini_task_accuracy"], metrics_l["mini_task_accuracy"], atol=1e-6
+  )
+  assert _distance(kb_v, kb) > 0  # the round did move the KB

@@ -1,0 +1,124 @@
+"""Shapes and behaviour of MARK's modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar100, miniimagenet
+from mark_jax import models
+
+
+def _networks(config_module, image_size, conv_impl="patches", **overrides):
+  config = config_module.get_config()
+  config.conv_impl = conv_impl
+  for key, value in overrides.items():
+    config[key] = value
+  return models.Networks(config, image_size, num_classes=5)
+
+
+@pytest.mark.parametrize(
+  "config_module, size, latent, flatten",
+  [(cifar100, 32, 128, 2 * 2 * 256), (miniimagenet, 84, 256, 7 * 7 * 256)],
+)
+def test_output_shapes(config_module, size, latent, flatten):
+  nets = _networks(config_module, size)
+  images = jnp.ones((3, size, size, 3))
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  task = nets.init_task(jax.random.PRNGKey(1))
+  assert kb["params"]["Dense_0"]["kernel"].shape == (flatten, latent)
+  masks = nets.masks(task, images, use_masks=True)
+  assert [m.shape for m in masks] == [(3, 64), (3, 128), (3, 256)]
+  logits = nets.logits({**task, "knowledge_base": kb}, images, masks, train=False, rng=None)
+  assert logits.shape == (3, 5)
+  features = nets.feature_extractor.apply(task["feature_extractor"], images, train=False)
+  assert features.shape == (3, latent)
+
+
+def test_feature_extractor_flatten_sizes():
+  for module, size, flatten in ((cifar100, 32, 1152), (miniimagenet, 84, 1800)):
+    task = _networks(module, size).init_task(jax.random.PRNGKey(0))
+    assert task["feature_extractor"]["params"]["Dense_0"]["kernel"].shape[0] == flatten
+
+
+def test_patches_convolution_equals_native():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 12, 5))
+  native = models.Conv(7, 3, impl="native")
+  variables = native.init(jax.random.PRNGKey(1), x)
+  patches = models.Conv(7, 3, impl="patches")
+  np.testing.assert_allclose(
+    native.apply(variables, x), patches.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_initialisation_follows_pytorch_bounds():
+  variables = models.Dense(64).init(jax.random.PRNGKey(0), jnp.zeros((1, 100)))
+  kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+  assert float(jnp.max(jnp.abs(kernel))) <= 0.1 and float(jnp.max(jnp.abs(bias))) <= 0.1
+  assert float(jnp.max(jnp.abs(kernel))) > 0.09  # uniform over the whole range, not normal(0, .)
+
+
+def test_zero_mask_zeroes_its_channel():
+  """Masking channel c of block 1 equals removing channel c from that convolution."""
+  nets = _networks(cifar100, 32)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  masks = list(models.ones_masks(4, nets.kb_channels))
+  masks[0] = masks[0].at[:, 5].set(0.0)
+  masked = nets.knowledge_base.apply(kb, images, tuple(masks), train=False)
+  pruned = jax.tree.map(lambda a: a, kb)
+  conv = pruned["params"]["Conv_0"]
+  conv["kernel"] = conv["kernel"].at[..., 5].set(0.0)
+  conv["bias"] = conv["bias"].at[5].set(0.0)
+  unmasked = nets.knowledge_base.apply(
+    pruned, images, models.ones_masks(4, nets.kb_channels), train=False
+  )
+  np.testing.assert_allclose(masked, unmasked, rtol=1e-5, atol=1e-6)
+  full = nets.knowledge_base.apply(kb, images, models.ones_masks(4, nets.kb_channels), train=False)
+  assert not np.allclose(full, masked)
+
+
+@pytest.mark.parametrize("block", [0, 1, 2])
+def test_zero_block_mask_cuts_the_input_off(block):
+  nets = _networks(cifar100, 32)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  masks = list(models.ones_masks(2, nets.kb_channels))
+  masks[block] = jnp.zeros_like(masks[block])
+  out = nets.knowledge_base.apply(kb, images, tuple(masks), train=False)
+  np.testing.assert_array_equal(out[0], out[1])  # nothing of the image gets through
+  ones = nets.knowledge_base.apply(kb, images, models.ones_masks(2, nets.kb_channels), train=False)
+  assert not np.allclose(ones[0], ones[1])
+
+
+def test_masks_are_per_example_and_bias_init_switch():
+  default = _networks(cifar100, 32)
+  ones_bias = _networks(cifar100, 32, mask_bias_init=1.0)
+  features = jnp.zeros((2, 128))
+  params = ones_bias.mask_generator.init(jax.random.PRNGKey(0), features)
+  for mask in ones_bias.mask_generator.apply(params, features):
+    np.testing.assert_allclose(mask, 1.0)  # relu(0 @ W + 1) = 1
+  params = default.mask_generator.init(jax.random.PRNGKey(0), features)
+  first = default.mask_generator.apply(params, features)[0]
+  assert float(jnp.max(first)) < 1.0 / np.sqrt(128) + 1e-6
+  two = jax.random.normal(jax.random.PRNGKey(3), (2, 128))
+  per_example = default.mask_generator.apply(params, two)[0]
+  assert not np.allclose(per_example[0], per_example[1])
+
+
+def test_dropout_only_in_training():
+  nets = _networks(cifar100, 32)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  masks = models.ones_masks(2, nets.kb_channels)
+  apply = lambda train, key: nets.knowledge_base.apply(  # noqa: E731
+    kb, images, masks, train=train, rngs={"dropout": jax.random.PRNGKey(key)}
+  )
+  np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
+  assert not np.allclose(apply(True, 0), apply(True, 1))
+
+
+def test_conv_impl_auto_picks_patches_on_cpu():
+  assert models.resolve_conv_impl("auto") == "patches"
+  with pytest.raises(ValueError):
+    models.resolve_conv_impl("winograd")

@@ -1,0 +1,167 @@
+"""End-to-end runs: phases train only what they should, checkpoints, resume, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import smoke
+from mark_jax import checkpointing, data, train
+
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _snapshot(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _changed(a, b) -> bool:
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return any(not np.array_equal(x, y) for x, y in pairs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = tiny_config()
+  benchmark = data.load_benchmark(config)
+  trainer = train.Trainer(config, benchmark)
+  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
+  return config, benchmark, trainer, state
+
+
+@pytest.mark.parametrize("phase", ["kb_pretrain", "masks", "kb_sgd"])
+def test_phase_trains_exactly_its_parameters(tiny, phase):
+  _, benchmark, trainer, state = tiny
+  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
+  model = jax.tree.map(lambda a: a.copy(), model)  # the phase donates what it trains
+  before = _snapshot(model)
+  data_on_device = train._device_data(benchmark.tasks[1], trainer.config.eval_batch_size)
+  after = trainer.train_phase(phase, model, data_on_device, jax.random.PRNGKey(0), phase)
+  trainable = trainer.phases[phase].trainable
+  assert set(after) == set(before)
+  for name in before:
+    if name in trainable:
+      assert _changed(before[name], after[name]), f"{phase} did not train {name}"
+    else:
+      _assert_same(before[name], after[name])
+
+
+def test_feature_phase_trains_weights_and_batch_statistics(tiny):
+  _, benchmark, trainer, state = tiny
+  fe = jax.tree.map(lambda a: a.copy(), train.task_slot(state["tasks"], 0)["feature_extractor"])
+  before = _snapshot(fe)
+  data_on_device = train._device_data(benchmark.tasks[0], trainer.config.eval_batch_size)
+  after = trainer.train_feature_extractor(fe, data_on_device, jax.random.PRNGKey(0), "fe")
+  assert _changed(before["params"], after["params"])
+  assert _changed(before["batch_stats"], after["batch_stats"])
+
+
+def test_task_leaves_other_tasks_and_frozen_kb_untouched(tiny):
+  config, benchmark, _, state = tiny
+  config = tiny_config(meta_rounds=0)  # "KB frozen after task 0": step 4 skipped
+  trainer = train.Trainer(config, benchmark)
+  before = _snapshot(state)
+  after = trainer.train_task(1, jax.tree.map(lambda a: a.copy(), state), benchmark.tasks[1])
+  _assert_same(before["knowledge_base"], after["knowledge_base"])
+  for t in (0, 2):
+    _assert_same(
+      jax.tree.map(lambda a, t=t: a[t], before["tasks"]),
+      jax.tree.map(lambda a, t=t: np.asarray(a)[t], after["tasks"]),
+    )
+  for part in ("feature_extractor", "mask_generator", "head"):
+    assert _changed(
+      jax.tree.map(lambda a: a[1], before["tasks"][part]),
+      jax.tree.map(lambda a: np.asarray(a)[1], after["tasks"][part]),
+    )
+  assert _changed(before["rng"], after["rng"])
+
+
+def test_smoke_run_learns(smoke_run):
+  workdir, results = smoke_run
+  assert results["tasks_completed"] == 3
+  assert results["acc"] >= 0.6
+  with open(os.path.join(workdir, "results.json")) as f:
+    written = json.load(f)
+  matrix = written["accuracy_matrix"]
+  assert matrix[0][1] is None and matrix[0][2] is None and matrix[1][2] is None
+  assert written["acc"] == pytest.approx(np.mean(matrix[-1]))
+  assert written["config"]["dataset"] == "synthetic"
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "1", "2"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(smoke_run, copy_workdir):
+  workdir, results = smoke_run
+  resumed_dir = copy_workdir(workdir)
+  # The disk as a kill during task 2 leaves it: checkpoints of tasks 0 and 1 only.
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "2"))
+  os.remove(os.path.join(resumed_dir, "results.json"))
+  resumed = train.train_and_evaluate(smoke.get_config(), resumed_dir)
+  assert resumed["accuracy_matrix"] == results["accuracy_matrix"]
+  assert resumed["acc"] == results["acc"] and resumed["bwt"] == results["bwt"]
+
+
+def test_restore_task_branches_into_a_new_workdir(smoke_run, tmp_path):
+  workdir, results = smoke_run
+  config = smoke.get_config()
+  config.restore_task = 0
+  config.restore_dir = workdir
+  branched = train.train_and_evaluate(config, str(tmp_path / "branch"))
+  assert branched["accuracy_matrix"] == results["accuracy_matrix"]
+
+
+def test_restore_task_refuses_to_mix_with_later_checkpoints(smoke_run, copy_workdir):
+  workdir, _ = smoke_run
+  config = smoke.get_config()
+  config.restore_task = 0
+  with pytest.raises(checkpointing.CheckpointError, match="--config.restore_dir"):
+    train.train_and_evaluate(config, copy_workdir(workdir))
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+  _, benchmark, trainer, state = tiny
+  matrix = np.full((3, 3), np.nan)
+  matrix[0, 0], matrix[1, :2] = 0.5, [0.25, 0.75]
+  mngr = checkpointing.manager(str(tmp_path / "ckpt"))
+  checkpointing.save(mngr, 1, state, matrix)
+  abstract = jax.eval_shape(lambda: train.init_run_state(trainer.nets, 0, len(benchmark.tasks)))
+  restored, restored_matrix = checkpointing.restore(mngr, 1, abstract)
+  _assert_same(state, restored)
+  np.testing.assert_array_equal(restored_matrix, matrix)
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint for task 5"):
+    checkpointing.restore(mngr, 5, abstract)
+
+
+def test_cifar100_end_to_end_on_tfds_mock_data(tmp_path):
+  config = tiny_config(dataset="cifar100", max_tasks=2, validation_fraction=0.15)
+  with tfds.testing.mock_data(num_examples=400):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["tasks_completed"] == 2
+  assert len(results["accuracy_matrix"]) == 2 and len(results["accuracy_matrix"][0]) == 2
+  assert 0.0 <= results["acc"] <= 1.0 and np.isfinite(results["bwt"])
+
+
+def test_cli_reports_a_bad_dataset_in_one_line(tmp_path):
+  command = [
+    sys.executable,
+    "launch.py",
+    "--config=configs/smoke.py",
+    f"--workdir={tmp_path}",
+    "--config.dataset=nope",
+  ]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "error: unknown dataset 'nope'" in result.stderr
+  assert "Traceback" not in result.stderr

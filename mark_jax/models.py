@@ -97,16 +97,27 @@ class Conv(nn.Module):
     if self.impl == "native":
       y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
     else:
-      patches = lax.conv_general_dilated_patches(
-        x, (size, size), (1, 1), "VALID", dimension_numbers=_NHWC
-      )
-      # Patch features are ordered (channel, row, column), channel most major.
-      y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+      # Patches by slicing, features ordered (row, column, channel) like the HWIO kernel.
+      # Slices and a concatenation are cheaper on XLA:CPU than conv_general_dilated_patches
+      # (itself a convolution): 138 vs 219 ms per vmapped mini-task step at batch 128.
+      rows, cols = x.shape[1] - size + 1, x.shape[2] - size + 1
+      shifted = [x[:, i : i + rows, j : j + cols] for i in range(size) for j in range(size)]
+      y = jnp.concatenate(shifted, axis=-1) @ kernel.reshape(-1, self.features)
     return y + bias
 
 
-def _pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+def max_pool(x: jax.Array, impl: str) -> jax.Array:
+  """2x2 max-pooling, stride 2, odd edges dropped (PyTorch's MaxPool2d(2)).
+
+  'native' uses XLA's reduce_window; 'patches' a reshape and a max, whose gradient is far
+  cheaper on XLA:CPU than reduce_window's select-and-scatter (78 vs 137 ms per vmapped
+  mini-task step at batch 128). Both give the same outputs.
+  """
+  if impl == "native":
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class KnowledgeBase(nn.Module):
@@ -130,7 +141,7 @@ class KnowledgeBase(nn.Module):
   def __call__(self, x: jax.Array, masks: Masks, *, train: bool) -> jax.Array:
     """Args: x (batch, H, W, C) normalised images; masks one (batch, channels) per block."""
     for channels, size, mask in zip(self.channels, self.kernel_sizes, masks, strict=True):
-      x = _pool(nn.relu(Conv(channels, size, self.conv_impl)(x)))
+      x = max_pool(nn.relu(Conv(channels, size, self.conv_impl)(x)), self.conv_impl)
       x = x * mask[:, None, None, :]
     x = nn.relu(Dense(self.latent_dim)(x.reshape(x.shape[0], -1)))
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -147,14 +158,12 @@ class FeatureExtractor(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
     """Args: x images; train uses batch statistics; mask (batch,) marks real examples."""
-    bn_mask = None if mask is None else mask[:, None, None, None]
     for channels, size in zip(self.channels, self.kernel_sizes, strict=True):
       x = Conv(channels, size, self.conv_impl)(x)
       # PyTorch's BatchNorm2d: momentum 0.1 (Flax counts it the other way), eps 1e-5.
       norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
-      x = _pool(
-        nn.relu(norm(x, mask=None if bn_mask is None else jnp.broadcast_to(bn_mask, x.shape)))
-      )
+      bn_mask = None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
+      x = max_pool(nn.relu(norm(x, mask=bn_mask)), self.conv_impl)
     return nn.relu(Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
 
 

@@ -122,3 +122,23 @@ def test_conv_impl_auto_picks_patches_on_cpu():
   assert models.resolve_conv_impl("auto") == "patches"
   with pytest.raises(ValueError):
     models.resolve_conv_impl("winograd")
+
+
+def test_reshape_max_pool_equals_reduce_window():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 29, 29, 4))
+  np.testing.assert_array_equal(models.max_pool(x, "patches"), models.max_pool(x, "native"))
+  assert models.max_pool(x, "patches").shape == (2, 14, 14, 4)
+
+
+def test_knowledge_base_forms_agree():
+  """The whole KB gives the same outputs with native and CPU-friendly ops."""
+  images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+  native, patches = _networks(cifar100, 32, "native"), _networks(cifar100, 32, "patches")
+  kb = native.init_knowledge_base(jax.random.PRNGKey(0))
+  masks = models.ones_masks(3, native.kb_channels)
+  np.testing.assert_allclose(
+    native.knowledge_base.apply(kb, images, masks, train=False),
+    patches.knowledge_base.apply(kb, images, masks, train=False),
+    rtol=1e-4,
+    atol=1e-5,
+  )

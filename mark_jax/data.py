@@ -125,7 +125,7 @@ def synthetic_splits(
   """A learnable class-conditional image dataset generated from a seed.
 
   Each class has a smooth random prototype (a 4x4 colour pattern upsampled to the image
-  size); an image is its class prototype, randomly shifted by up to 2 pixels, plus noise.
+  size); an image is its class prototype, randomly shifted by up to 4 pixels, plus noise.
 
   Returns:
     (train, test) splits with uint8 images.
@@ -139,11 +139,11 @@ def synthetic_splits(
 
   def make(per_class: int) -> Split:
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
-    shifts = rng.randint(-2, 3, size=(len(labels), 2))
+    shifts = rng.randint(-4, 5, size=(len(labels), 2))
     images = np.stack(
       [np.roll(prototypes[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts, strict=True)]
     )
-    images = 128 + 60 * images + rng.normal(0.0, 50.0, images.shape)
+    images = 128 + 30 * images + rng.normal(0.0, 64.0, images.shape)
     return Split(np.clip(images, 0, 255).astype(np.uint8), labels)
 
   return make(train_per_class), make(test_per_class)

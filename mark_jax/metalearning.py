@@ -54,6 +54,29 @@ def reptile_update(
   return optax.apply_updates(knowledge_base, updates)
 
 
+def make_inner_step(nets: Networks, config):
+  """One inner-loop SGD step on KB + temporary head with fixed masks.
+
+  Returns:
+    (optimizer, step) with step(params, opt_state, images, labels, masks, rng) ->
+    (params, opt_state, loss); params = {'knowledge_base', 'head'}, images normalised.
+  """
+  optimizer = sgd(
+    config.inner_learning_rate, momentum=config.momentum, weight_decay=config.inner_weight_decay
+  )
+
+  def loss_fn(params, images, labels, masks, rng):
+    logits = nets.logits(params, images, masks, train=True, rng=rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def step(params, opt_state, images, labels, masks, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, masks, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return optimizer, step
+
+
 def make_meta_round(
   nets: Networks,
   config,
@@ -76,26 +99,18 @@ def make_meta_round(
     The un-jitted round function (jit it, or compose it under further transforms).
   """
   num_mini_tasks, batch_size = config.mini_tasks, config.batch_size
-  inner_optimizer = sgd(
-    config.inner_learning_rate, momentum=config.momentum, weight_decay=config.inner_weight_decay
-  )
+  inner_optimizer, inner_step = make_inner_step(nets, config)
   meta_optimizer = sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay)
   sign = {"paper": 1.0, "authors": -1.0}[config.meta_sign]
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
-
-  def loss_fn(params, images, labels, masks, rng):
-    logits = nets.logits(params, images, masks, train=True, rng=rng)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
     """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, last loss)."""
     params = {"knowledge_base": knowledge_base, "head": head}
 
     def step(carry, key):
-      params, opt_state = carry
-      loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, masks, key)
-      updates, opt_state = inner_optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
+      params, opt_state, loss = inner_step(*carry, images, labels, masks, key)
+      return (params, opt_state), loss
 
     keys = jax.random.split(rng, config.inner_steps)
     (params, _), losses = lax.scan(step, (params, inner_optimizer.init(params)), keys)

@@ -102,40 +102,39 @@ class Trainer:
     validation = data["validation"]
     return float(self.accuracy(model, *validation, use_masks))
 
-  def train_feature_extractor(self, feature_extractor, data, rng, label) -> dict:
+  def phase_inputs(self, name, model, rng=None):
+    """Splits a model dict (KB + one task's F/M/C) for phase `name`.
+
+    Returns:
+      (params, frozen, model_state): what the phase trains, what it only reads, and F^t's
+      batch statistics for the feature phase (which also gets a fresh probe from `rng`).
+    """
+    if name == "feature_extractor":
+      fe = model["feature_extractor"]
+      params = {"feature_extractor": fe["params"], "probe": self.nets.init_head(rng)}
+      return params, {}, fe["batch_stats"]
+    trainable = self.phases[name].trainable
+    frozen = {k: v for k, v in model.items() if k not in trainable}
+    return {k: model[k] for k in trainable}, frozen, None
+
+  def train_feature_extractor(self, model, data, rng, label) -> dict:
     """Phase 1: trains F^t with a throw-away linear probe; returns F^t's new variables."""
     probe_key, phase_key = jax.random.split(rng)
-    params = {
-      "feature_extractor": feature_extractor["params"],
-      "probe": self.nets.init_head(probe_key),
-    }
+    params, frozen, batch_stats = self.phase_inputs("feature_extractor", model, probe_key)
     params, batch_stats = self.run_phase(
-      "feature_extractor",
-      params,
-      {},
-      data,
-      phase_key,
-      label=label,
-      model_state=feature_extractor["batch_stats"],
+      "feature_extractor", params, frozen, data, phase_key, label=label, model_state=batch_stats
     )
     return {"params": params["feature_extractor"], "batch_stats": batch_stats}
 
   def train_phase(self, name, model, data, rng, label) -> dict:
     """Trains the phase's entries of `model` (KB + one task's F/M/C); returns the new model."""
-    phase = self.phases[name]
-    params, _ = self.run_phase(
-      name,
-      {k: model[k] for k in phase.trainable},
-      {k: v for k, v in model.items() if k not in phase.trainable},
-      data,
-      rng,
-      label=label,
-    )
+    params, frozen, _ = self.phase_inputs(name, model)
+    params, _ = self.run_phase(name, params, frozen, data, rng, label=label)
     model = {**model, **params}
     logging.info(
       "%s: validation accuracy %.4f",
       label,
-      self.validation_accuracy(model, data, phase.use_masks),
+      self.validation_accuracy(model, data, self.phases[name].use_masks),
     )
     return model
 
@@ -159,7 +158,7 @@ class Trainer:
         model["feature_extractor"] = task_slot(state["tasks"], 0)["feature_extractor"]
       else:
         model["feature_extractor"] = self.train_feature_extractor(
-          model["feature_extractor"], data, keys["features"], f"{tag} feature_extractor"
+          model, data, keys["features"], f"{tag} feature_extractor"
         )
     if t == 0 and config.pretrain_kb:
       model = self.train_phase("kb_pretrain", model, data, keys["pretrain"], f"{tag} kb_pretrain")

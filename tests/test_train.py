@@ -61,10 +61,10 @@ def test_phase_trains_exactly_its_parameters(tiny, phase):
 
 def test_feature_phase_trains_weights_and_batch_statistics(tiny):
   _, benchmark, trainer, state = tiny
-  fe = jax.tree.map(lambda a: a.copy(), train.task_slot(state["tasks"], 0)["feature_extractor"])
-  before = _snapshot(fe)
+  model = jax.tree.map(lambda a: a.copy(), train.task_slot(state["tasks"], 0))
+  before = _snapshot(model["feature_extractor"])
   data_on_device = train._device_data(benchmark.tasks[0], trainer.config.eval_batch_size)
-  after = trainer.train_feature_extractor(fe, data_on_device, jax.random.PRNGKey(0), "fe")
+  after = trainer.train_feature_extractor(model, data_on_device, jax.random.PRNGKey(0), "fe")
   assert _changed(before["params"], after["params"])
   assert _changed(before["batch_stats"], after["batch_stats"])
 

@@ -1,0 +1,231 @@
+r"""Benchmark of MARK's compiled phases on synthetic data at a config's real shapes.
+
+  python -m mark_jax.bench --config configs/cifar100.py
+  python -m mark_jax.bench --config configs/cifar100.py --config.epochs=2 \
+      --config.meta_rounds=1 --json /tmp/bench.json
+
+Reports, with compilation timed apart: each phase's step time and examples/s, one
+metalearning round, seconds per task (measured on task 1, after task 0 compiled
+everything, unless --notime_task), peak memory, and achieved FLOP/s against the model's
+FLOPs (XLA's count of one step with native convolutions, the work the math needs).
+"""
+
+import functools
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mark_jax import data as data_lib
+from mark_jax import metalearning, train
+from mark_jax import phases as phases_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+_JSON = flags.DEFINE_string("json", "bench.json", "Where to write the results as JSON.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each compiled epoch and round.")
+_TIME_TASK = flags.DEFINE_bool("time_task", True, "Run tasks 0 and 1 and time task 1 whole.")
+flags.mark_flags_as_required(["config"])
+
+IMAGE_SIZES = {"cifar100": 32, "miniimagenet": 84}
+PHASES = ("feature_extractor", "kb_pretrain", "masks", "kb_sgd")
+
+
+def synthetic_config(config):
+  """The config on synthetic data of its dataset's shape: 2 tasks, 500 train/100 test per class."""
+  config = config.copy_and_resolve_references()
+  size = IMAGE_SIZES.get(config.dataset, config.synthetic.image_size)
+  config.dataset = "synthetic"
+  config.max_tasks = 0
+  config.synthetic.update(
+    num_classes=2 * config.classes_per_task,
+    train_per_class=500,
+    test_per_class=100,
+    image_size=size,
+  )
+  return config
+
+
+def _time(fn, args, repeats: int, carry_first: bool = True):
+  """Runs fn(*args) `repeats` times (threading a donated first argument); returns seconds."""
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+    if carry_first:
+      args = (out[0], *args[1:])
+  return seconds
+
+
+def _compile(jitted, args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _flops(fn, *args) -> float:
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+def _batch(task: data_lib.TaskData, batch_size: int) -> dict:
+  return {
+    "image": jnp.asarray(task.train.images[:batch_size]),
+    "label": jnp.asarray(task.train.labels[:batch_size]),
+    "weight": jnp.ones(batch_size, jnp.float32),
+  }
+
+
+def peak_memory() -> tuple[int, str]:
+  """Peak bytes in use on the device where it reports them, else the host's max RSS."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
+
+
+def run(config, repeats: int, time_task: bool) -> dict:
+  """Measures everything the module docstring lists; returns a JSON-ready dict."""
+  config = synthetic_config(config)
+  benchmark = data_lib.load_benchmark(config)
+  trainer = train.Trainer(config, benchmark)
+  native_config = config.copy_and_resolve_references()
+  native_config.conv_impl = "native"
+  native = train.Trainer(native_config, benchmark)
+  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
+  task = benchmark.tasks[1]
+  data = train._device_data(task, config.eval_batch_size)
+  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
+  num_train, batch = len(task.train), _batch(task, config.batch_size)
+  steps_per_epoch = -(-num_train // config.batch_size)
+  rng = jax.random.PRNGKey(0)
+  results = {
+    "device": str(jax.devices()[0]),
+    "backend": jax.default_backend(),
+    "conv_impl": trainer.nets.knowledge_base.conv_impl,
+    "train_examples_per_task": num_train,
+    "batch_size": config.batch_size,
+    "phases": {},
+  }
+
+  for name in PHASES:
+    phase = trainer.phases[name]
+    params, frozen, model_state = trainer.phase_inputs(name, model, rng)
+    donated = jax.tree.map(jnp.copy, phases_lib.init_state(phase, params, model_state))
+    args = (donated, frozen, data["train_image"])
+    args = (*args, data["train_label"], rng)
+    compiled, compile_s = _compile(trainer.epoch_fns[name], args)
+    args = (compiled(*args)[0], *args[1:])
+    epoch_s = float(np.median(_time(compiled, args, repeats)))
+    step = functools.partial(phases_lib.train_step, native.phases[name], frozen)
+    flops = _flops(step, phases_lib.init_state(phase, params, model_state), batch, rng)
+    step_s = epoch_s / steps_per_epoch
+    results["phases"][name] = {
+      "compile_s": compile_s,
+      "epoch_s": epoch_s,
+      "steps_per_epoch": steps_per_epoch,
+      "step_ms": 1e3 * step_s,
+      "examples_per_s": num_train / epoch_s,
+      "model_gflop_per_step": flops / 1e9,
+      "achieved_gflop_per_s": flops / step_s / 1e9,
+    }
+
+  task_vars = {k: v for k, v in model.items() if k != "knowledge_base"}
+  kb = jax.tree.map(jnp.copy, state["knowledge_base"])
+  args = (kb, task_vars, data["train_image"], data["train_label"], rng)
+  compiled, compile_s = _compile(trainer.meta_round, args)
+  round_s = float(np.median(_time(compiled, args, repeats)))
+  optimizer, inner_step = metalearning.make_inner_step(native.nets, config)
+  params = {"knowledge_base": state["knowledge_base"], "head": model["head"]}
+  images = data_lib.normalize(batch["image"], benchmark.mean, benchmark.std)
+  masks = native.nets.masks(model, images, config.use_masks)
+  inner_flops = _flops(
+    inner_step, params, optimizer.init(params), images, batch["label"], masks, rng
+  )
+  round_flops = inner_flops * config.mini_tasks * config.inner_steps
+  results["meta_round"] = {
+    "compile_s": compile_s,
+    "round_s": round_s,
+    "mini_tasks": config.mini_tasks,
+    "inner_steps": config.inner_steps,
+    "mini_task_step_ms": 1e3 * round_s / (config.mini_tasks * config.inner_steps),
+    "model_gflop_per_round": round_flops / 1e9,
+    "achieved_gflop_per_s": round_flops / round_s / 1e9,
+  }
+
+  epoch = {name: results["phases"][name]["epoch_s"] for name in PHASES}
+  kb_update = (
+    config.meta_rounds * round_s if config.use_metalearning else config.epochs * epoch["kb_sgd"]
+  )
+  results["estimated_seconds_per_task"] = (
+    config.epochs * (epoch["feature_extractor"] + 2 * epoch["masks"]) + kb_update
+  )
+  if time_task:
+    results["seconds_per_task"] = _time_one_task(trainer, benchmark, config)
+  results["peak_memory_bytes"], results["peak_memory_kind"] = peak_memory()
+  results["config"] = config.to_dict()
+  return results
+
+
+def _time_one_task(trainer: train.Trainer, benchmark, config) -> float:
+  """Wall time of task 1 (all five phases + evaluation), after task 0 compiled everything."""
+  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
+  test = jax.device_put(
+    data_lib.stack_splits([t.test for t in benchmark.tasks], config.eval_batch_size)
+  )
+  state = trainer.train_task(0, state, benchmark.tasks[0])
+  jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+  start = time.perf_counter()
+  state = trainer.train_task(1, state, benchmark.tasks[1])
+  jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+  return time.perf_counter() - start
+
+
+def format_table(results: dict) -> str:
+  lines = [
+    f"device {results['device']} ({results['conv_impl']} convolutions), "
+    f"{results['train_examples_per_task']} training images per task, "
+    f"batch {results['batch_size']}",
+    f"{'phase':<18}{'compile s':>10}{'step ms':>10}{'examples/s':>12}"
+    f"{'GFLOP/step':>12}{'GFLOP/s':>10}",
+  ]
+  for name, r in results["phases"].items():
+    lines.append(
+      f"{name:<18}{r['compile_s']:>10.1f}{r['step_ms']:>10.1f}{r['examples_per_s']:>12.0f}"
+      f"{r['model_gflop_per_step']:>12.2f}{r['achieved_gflop_per_s']:>10.1f}"
+    )
+  m = results["meta_round"]
+  lines.append(
+    f"meta round: {m['round_s']:.2f} s ({m['mini_tasks']} mini-tasks x {m['inner_steps']} "
+    f"steps, {m['mini_task_step_ms']:.1f} ms per mini-task step, compile {m['compile_s']:.1f} s, "
+    f"{m['achieved_gflop_per_s']:.1f} GFLOP/s)"
+  )
+  if "seconds_per_task" in results:
+    lines.append(f"seconds per task (task 1, measured): {results['seconds_per_task']:.1f}")
+  lines.append(
+    f"seconds per task (task > 0, from the parts above): "
+    f"{results['estimated_seconds_per_task']:.1f}"
+  )
+  lines.append(
+    f"peak memory: {results['peak_memory_bytes'] / 2**30:.2f} GiB ({results['peak_memory_kind']})"
+  )
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING)
+  results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value)
+  print(format_table(results))
+  with open(_JSON.value, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -7,7 +7,7 @@ same DIR resumes after the last finished task.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mark_jax import checkpointing, data, train
+from mark_jax import errors, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
@@ -25,10 +25,19 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   import jax  # After flag parsing, so --help stays fast.
 
-  logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
+  if _CONFIG.value.distributed:
+    jax.distributed.initialize()
+  logging.info(
+    "JAX %s on %s: process %d of %d, %d devices",
+    jax.__version__,
+    jax.default_backend(),
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+  )
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (data.DataError, checkpointing.CheckpointError, train.TrainingError) as error:
+  except errors.UserError as error:
     raise SystemExit(f"error: {error}") from None
 
 

@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.use_feature_extractor = True  # False: KB only (needs use_masks=False)
   config.shared_feature_extractor = False  # True: F^0 serves every task
 
+  # Devices: the K mini-tasks and each batch are spread over all local devices (a mesh).
+  config.distributed = False  # True on a multi-host TPU slice: jax.distributed.initialize()
+
   # Checkpoints.
   config.restore_task = config_dict.placeholder(int)  # restart after this task
   config.restore_dir = ""  # workdir to restore restore_task from (default: --workdir)

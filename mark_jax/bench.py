@@ -96,9 +96,9 @@ def run(config, repeats: int, time_task: bool) -> dict:
   native_config = config.copy_and_resolve_references()
   native_config.conv_impl = "native"
   native = train.Trainer(native_config, benchmark)
-  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
+  state = trainer.init_state(len(benchmark.tasks))
   task = benchmark.tasks[1]
-  data = train._device_data(task, config.eval_batch_size)
+  data = trainer.device_data(task)
   model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
   num_train, batch = len(task.train), _batch(task, config.batch_size)
   steps_per_epoch = -(-num_train // config.batch_size)
@@ -173,10 +173,8 @@ def run(config, repeats: int, time_task: bool) -> dict:
 
 def _time_one_task(trainer: train.Trainer, benchmark, config) -> float:
   """Wall time of task 1 (all five phases + evaluation), after task 0 compiled everything."""
-  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
-  test = jax.device_put(
-    data_lib.stack_splits([t.test for t in benchmark.tasks], config.eval_batch_size)
-  )
+  state = trainer.init_state(len(benchmark.tasks))
+  test = trainer.device_test_data(benchmark.tasks)
   state = trainer.train_task(0, state, benchmark.tasks[0])
   jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
   start = time.perf_counter()

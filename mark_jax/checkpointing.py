@@ -8,19 +8,24 @@ import os
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mark_jax.errors import CheckpointError
 
 
-class CheckpointError(Exception):
-  """A requested checkpoint does not exist or cannot be used; the message says why."""
+def manager(directory) -> ocp.CheckpointManager:
+  """A manager that keeps every task's checkpoint and writes synchronously.
 
-
-def manager(directory: str) -> ocp.CheckpointManager:
-  """A manager that keeps every task's checkpoint and writes synchronously."""
+  Args:
+    directory: a local path (made absolute) or a cloud URL such as gs://bucket/run.
+  """
+  if "://" not in str(directory):
+    directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(
     max_to_keep=None, create=True, enable_async_checkpointing=False
   )
   return ocp.CheckpointManager(
-    os.path.abspath(directory), options=options, item_names=("state", "metadata")
+    epath.Path(directory), options=options, item_names=("state", "metadata")
   )
 
 

@@ -14,15 +14,13 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from mark_jax.errors import DataError
+
 # Normalisation constants (per channel, on the [0, 1] scale).
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(Exception):
-  """A dataset is missing or unusable; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

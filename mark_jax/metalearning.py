@@ -83,6 +83,7 @@ def make_meta_round(
   mean,
   std,
   mini_task_map: Callable = jax.vmap,
+  shard_mini_tasks: Callable = lambda tree: tree,
 ):
   """Builds one metalearning round `(knowledge_base, task, images, labels, rng) -> (kb, metrics)`.
 
@@ -94,6 +95,8 @@ def make_meta_round(
     std: normalisation std.
     mini_task_map: maps the single mini-task adaptation over the K mini-tasks (all
       arguments batched on axis 0); jax.vmap, or a Python loop in tests.
+    shard_mini_tasks: places (K, batch, ...) arrays on devices inside jit
+      (parallel.shard_mini_tasks).
 
   Returns:
     The un-jitted round function (jit it, or compose it under further transforms).
@@ -124,8 +127,7 @@ def make_meta_round(
     needed = num_batches * batch_size
     order = jax.random.permutation(order_key, labels.shape[0])
     order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
-    x = data_lib.normalize(images[order], mean, std)
-    y = labels[order]
+    x, y = shard_mini_tasks((data_lib.normalize(images[order], mean, std), labels[order]))
     model = {**task, "knowledge_base": knowledge_base}
     masks = jax.vmap(lambda batch: nets.masks(model, batch, config.use_masks))(x)
     train = (x, y, masks)

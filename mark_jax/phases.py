@@ -123,10 +123,11 @@ def batch_indices(rng: jax.Array, num_examples: int, batch_size: int):
   return order.reshape(num_batches, batch_size), weights.reshape(num_batches, batch_size)
 
 
-def make_epoch_fn(phase: Phase, batch_size: int):
+def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda batch: batch):
   """Compiles one epoch of `phase`: `(state, frozen, images, labels, rng) -> (state, metrics)`.
 
   The state is donated; metrics are the epoch's mean loss and accuracy, computed on device.
+  `shard_batch` places each batch on devices inside jit (parallel.shard_batch).
   """
 
   def run_epoch(state, frozen, images, labels, rng):
@@ -136,7 +137,8 @@ def make_epoch_fn(phase: Phase, batch_size: int):
 
     def body(state, xs):
       idx, weight, key = xs
-      return step(state, {"image": images[idx], "label": labels[idx], "weight": weight}, key)
+      batch = shard_batch({"image": images[idx], "label": labels[idx], "weight": weight})
+      return step(state, batch, key)
 
     keys = jax.random.split(step_key, indices.shape[0])
     state, metrics = lax.scan(body, state, (indices, weights, keys))

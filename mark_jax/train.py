@@ -12,18 +12,19 @@ the accuracy matrix) is all a resume needs.
 
 import functools
 import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax import lax
 
-from mark_jax import checkpointing, metalearning
+from mark_jax import checkpointing, metalearning, parallel
 from mark_jax import data as data_lib
 from mark_jax import metrics as metrics_lib
 from mark_jax import phases as phases_lib
+from mark_jax.errors import CheckpointError, ConfigError, TrainingError
 from mark_jax.models import Networks
 
 
@@ -56,14 +57,24 @@ class Trainer:
     self.config = config
     self.nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
     self.mean, self.std = benchmark.mean, benchmark.std
+    try:
+      self.mesh = parallel.make_mesh(config.mini_tasks, config.batch_size)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+    shard_batch = functools.partial(parallel.shard_batch, mesh=self.mesh)
     self.phases = phases_lib.make_phases(self.nets, config, self.mean, self.std)
     self.epoch_fns = {
-      name: phases_lib.make_epoch_fn(phase, config.batch_size)
+      name: phases_lib.make_epoch_fn(phase, config.batch_size, shard_batch)
       for name, phase in self.phases.items()
     }
-    self.meta_round = jax.jit(
-      metalearning.make_meta_round(self.nets, config, self.mean, self.std), donate_argnums=0
+    meta_round = metalearning.make_meta_round(
+      self.nets,
+      config,
+      self.mean,
+      self.std,
+      shard_mini_tasks=functools.partial(parallel.shard_mini_tasks, mesh=self.mesh),
     )
+    self.meta_round = jax.jit(meta_round, donate_argnums=0)
     accuracy = phases_lib.make_accuracy_fn(self.nets, self.mean, self.std, config.eval_batch_size)
     self.accuracy = jax.jit(accuracy, static_argnums=4)
 
@@ -75,6 +86,31 @@ class Trainer:
       return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
 
     self.evaluate_all = jax.jit(evaluate_all)
+
+  def init_state(self, num_tasks: int) -> dict:
+    """A fresh run state, replicated over the mesh."""
+    return parallel.replicate(init_run_state(self.nets, self.config.seed, num_tasks), self.mesh)
+
+  def abstract_state(self, num_tasks: int):
+    """Shapes, dtypes and shardings of the run state (what a checkpoint restore needs)."""
+    init = functools.partial(init_run_state, self.nets, self.config.seed, num_tasks)
+    abstract = jax.eval_shape(init)
+    return parallel.abstract_replicated(abstract, self.mesh)
+
+  def device_data(self, task: data_lib.TaskData) -> dict:
+    """A task's training images on the devices, and its validation split padded for evaluation."""
+    validation = data_lib.stack_splits([task.validation], self.config.eval_batch_size)
+    on_device = {
+      "train_image": task.train.images,
+      "train_label": task.train.labels,
+      "validation": tuple(validation[k][0] for k in ("image", "label", "weight")),
+    }
+    return parallel.replicate(on_device, self.mesh)
+
+  def device_test_data(self, tasks: list[data_lib.TaskData]) -> dict:
+    """Every task's test split, stacked on a task axis, on the devices."""
+    test = data_lib.stack_splits([task.test for task in tasks], self.config.eval_batch_size)
+    return parallel.replicate(test, self.mesh)
 
   def run_phase(self, name, params, frozen, data, rng, *, label, model_state=None):
     """Runs `config.epochs` epochs of a phase; returns (params, model_state)."""
@@ -149,7 +185,7 @@ class Trainer:
         strict=True,
       )
     )
-    data = _device_data(task_data, config.eval_batch_size)
+    data = self.device_data(task_data)
     model = {**task_slot(state["tasks"], t), "knowledge_base": state["knowledge_base"]}
     tag = f"task {t}"
 
@@ -198,31 +234,16 @@ class Trainer:
     return kb
 
 
-class TrainingError(Exception):
-  """Training cannot go on (a non-finite loss); the message says where."""
-
-
 def _check_finite(value, where: str, index: int) -> None:
   if not np.isfinite(value):
     raise TrainingError(f"non-finite loss {value} in {where} at epoch/round {index + 1}")
 
 
-def _device_data(task: data_lib.TaskData, eval_batch_size: int) -> dict:
-  """A task's training images on device, and its validation split padded for evaluation."""
-  validation = data_lib.stack_splits([task.validation], eval_batch_size)
-  return {
-    "train_image": jax.device_put(task.train.images),
-    "train_label": jax.device_put(task.train.labels),
-    "validation": tuple(jax.device_put(validation[k][0]) for k in ("image", "label", "weight")),
-  }
-
-
-def _write_json(path: str, payload: dict) -> None:
-  """Writes JSON atomically (a reader never sees a half-written file)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
+def _write_json(path: epath.Path, payload: dict) -> None:
+  """Writes JSON through a temporary file, so a reader never sees a half-written file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2))
+  tmp.replace(path)
 
 
 def _resume_point(mngr, config, workdir) -> tuple[str | None, int | None]:
@@ -236,10 +257,10 @@ def _resume_point(mngr, config, workdir) -> tuple[str | None, int | None]:
     latest = mngr.latest_step()
     return (None, None) if latest is None else (mngr.directory, latest)
   if config.get("restore_dir"):
-    return os.path.join(config.restore_dir, "checkpoints"), restore_task
+    return epath.Path(config.restore_dir) / "checkpoints", restore_task
   later = [s for s in mngr.all_steps() if s > restore_task]
   if later:
-    raise checkpointing.CheckpointError(
+    raise CheckpointError(
       f"{workdir} already has checkpoints after task {restore_task} (tasks {sorted(later)}); "
       f"to branch from task {restore_task}, use a new --workdir with "
       f"--config.restore_dir={workdir} --config.restore_task={restore_task}"
@@ -257,28 +278,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
     The results dict written to results.json.
   """
   start_time = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
   is_writer = jax.process_index() == 0
   if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   benchmark = data_lib.load_benchmark(config)
   num_tasks = len(benchmark.tasks)
   trainer = Trainer(config, benchmark)
-  init = functools.partial(init_run_state, trainer.nets, config.seed, num_tasks)
-  test = jax.device_put(
-    data_lib.stack_splits([task.test for task in benchmark.tasks], config.eval_batch_size)
-  )
+  test = trainer.device_test_data(benchmark.tasks)
 
-  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"))
+  mngr = checkpointing.manager(workdir / "checkpoints")
   directory, restored_task = _resume_point(mngr, config, workdir)
   accuracy = np.full((num_tasks, num_tasks), np.nan)
   if directory is None:
-    state, first_task = init(), 0
+    state, first_task = trainer.init_state(num_tasks), 0
   else:
     source = mngr if directory == mngr.directory else checkpointing.manager(directory)
-    state, saved = checkpointing.restore(source, restored_task, jax.eval_shape(init))
+    abstract = trainer.abstract_state(num_tasks)
+    state, saved = checkpointing.restore(source, restored_task, abstract)
     accuracy[: saved.shape[0], : saved.shape[1]] = saved
     accuracy[restored_task + 1 :] = np.nan
     first_task = restored_task + 1
@@ -308,5 +327,5 @@ def _write_results(workdir, config, accuracy, tasks_completed, start_time, is_wr
   results = metrics_lib.summarize(accuracy, tasks_completed)
   results.update(config=config.to_dict(), wall_seconds=time.perf_counter() - start_time)
   if is_writer:
-    _write_json(os.path.join(workdir, "results.json"), results)
+    _write_json(workdir / "results.json", results)
   return results

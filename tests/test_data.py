@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mark_jax import data
+from mark_jax import data, errors
 
 
 def _dataset(num_classes=20, per_class=10):
@@ -105,7 +105,7 @@ def test_unknown_dataset_is_a_clear_error():
 
   config = smoke.get_config()
   config.dataset = "imagenet21k"
-  with pytest.raises(data.DataError, match="unknown dataset 'imagenet21k'"):
+  with pytest.raises(errors.DataError, match="unknown dataset 'imagenet21k'"):
     data.load_benchmark(config)
 
 
@@ -115,6 +115,6 @@ def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
   config = cifar100.get_config()
   config.data_dir = str(tmp_path)
   config.download = False
-  with pytest.raises(data.DataError, match="not available") as error:
+  with pytest.raises(errors.DataError, match="not available") as error:
     data.load_benchmark(config)
   assert "--config.data_dir" in str(error.value)

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import smoke
-from mark_jax import checkpointing, data, train
+from mark_jax import checkpointing, data, errors, train
 
 from tiny import tiny_config
 
@@ -38,8 +38,7 @@ def tiny():
   config = tiny_config()
   benchmark = data.load_benchmark(config)
   trainer = train.Trainer(config, benchmark)
-  state = train.init_run_state(trainer.nets, config.seed, len(benchmark.tasks))
-  return config, benchmark, trainer, state
+  return config, benchmark, trainer, trainer.init_state(len(benchmark.tasks))
 
 
 @pytest.mark.parametrize("phase", ["kb_pretrain", "masks", "kb_sgd"])
@@ -48,7 +47,7 @@ def test_phase_trains_exactly_its_parameters(tiny, phase):
   model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
   model = jax.tree.map(lambda a: a.copy(), model)  # the phase donates what it trains
   before = _snapshot(model)
-  data_on_device = train._device_data(benchmark.tasks[1], trainer.config.eval_batch_size)
+  data_on_device = trainer.device_data(benchmark.tasks[1])
   after = trainer.train_phase(phase, model, data_on_device, jax.random.PRNGKey(0), phase)
   trainable = trainer.phases[phase].trainable
   assert set(after) == set(before)
@@ -63,7 +62,7 @@ def test_feature_phase_trains_weights_and_batch_statistics(tiny):
   _, benchmark, trainer, state = tiny
   model = jax.tree.map(lambda a: a.copy(), train.task_slot(state["tasks"], 0))
   before = _snapshot(model["feature_extractor"])
-  data_on_device = train._device_data(benchmark.tasks[0], trainer.config.eval_batch_size)
+  data_on_device = trainer.device_data(benchmark.tasks[0])
   after = trainer.train_feature_extractor(model, data_on_device, jax.random.PRNGKey(0), "fe")
   assert _changed(before["params"], after["params"])
   assert _changed(before["batch_stats"], after["batch_stats"])
@@ -126,7 +125,7 @@ def test_restore_task_refuses_to_mix_with_later_checkpoints(smoke_run, copy_work
   workdir, _ = smoke_run
   config = smoke.get_config()
   config.restore_task = 0
-  with pytest.raises(checkpointing.CheckpointError, match="--config.restore_dir"):
+  with pytest.raises(errors.CheckpointError, match="--config.restore_dir"):
     train.train_and_evaluate(config, copy_workdir(workdir))
 
 
@@ -136,11 +135,11 @@ def test_checkpoint_round_trip(tiny, tmp_path):
   matrix[0, 0], matrix[1, :2] = 0.5, [0.25, 0.75]
   mngr = checkpointing.manager(str(tmp_path / "ckpt"))
   checkpointing.save(mngr, 1, state, matrix)
-  abstract = jax.eval_shape(lambda: train.init_run_state(trainer.nets, 0, len(benchmark.tasks)))
+  abstract = trainer.abstract_state(len(benchmark.tasks))
   restored, restored_matrix = checkpointing.restore(mngr, 1, abstract)
   _assert_same(state, restored)
   np.testing.assert_array_equal(restored_matrix, matrix)
-  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint for task 5"):
+  with pytest.raises(errors.CheckpointError, match="no checkpoint for task 5"):
     checkpointing.restore(mngr, 5, abstract)
 
 

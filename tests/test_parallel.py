@@ -1,0 +1,89 @@
+"""Multi-device runs (8 fake CPU devices) and compilation across tasks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mark_jax import parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ONE_TASK = """
+import json, sys
+import jax, numpy as np
+sys.path[:0] = [{root!r}, {tests!r}]
+from tiny import tiny_config
+from mark_jax import data, train
+
+config = tiny_config(batch_size=16, mini_tasks=4)
+benchmark = data.load_benchmark(config)
+trainer = train.Trainer(config, benchmark)
+state = trainer.train_task(0, trainer.init_state(len(benchmark.tasks)), benchmark.tasks[0])
+accuracy = trainer.evaluate_all(
+    state["knowledge_base"], state["tasks"], trainer.device_test_data(benchmark.tasks))
+leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state["knowledge_base"])]
+print(json.dumps({{"devices": jax.device_count(), "mesh": dict(trainer.mesh.shape),
+                  "accuracy": float(accuracy[0]), "kb": leaves}}))
+"""
+
+
+def _run_one_task(device_count: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+  code = ONE_TASK.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+  result = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_one_device_results():
+  one, eight = _run_one_task(1), _run_one_task(8)
+  assert one["devices"] == 1 and eight["devices"] == 8
+  assert eight["mesh"] == {"mini_tasks": 4, "batch": 2}
+  assert abs(one["accuracy"] - eight["accuracy"]) <= 1 / 40 + 1e-6  # one test image at most
+  for a, b in zip(one["kb"], eight["kb"], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_mesh_splits_mini_tasks_then_batch():
+  devices = np.array(jax.devices() * 8)[:8]
+  mesh = parallel.make_mesh(mini_tasks=10, batch_size=128, devices=devices)
+  assert dict(mesh.shape) == {"mini_tasks": 2, "batch": 4}
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.make_mesh(mini_tasks=10, batch_size=100, devices=devices)
+
+
+def test_nothing_recompiles_between_tasks():
+  from mark_jax import data
+
+  from tiny import tiny_config
+
+  config = tiny_config()
+  benchmark = data.load_benchmark(config)
+  trainer = train.Trainer(config, benchmark)
+  test = trainer.device_test_data(benchmark.tasks)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = trainer.init_state(len(benchmark.tasks))
+    counts = []
+    for t in range(len(benchmark.tasks)):
+      state = trainer.train_task(t, state, benchmark.tasks[t])
+      jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+      counts.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counts[0] > 0  # the listener does see compilations
+  assert counts[1] == counts[0], f"task 1 compiled {counts[1] - counts[0]} programs"
+  assert counts[2] == counts[1], f"task 2 compiled {counts[2] - counts[1]} programs"

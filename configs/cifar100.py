@@ -21,9 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = "cifar100"  # cifar100 | miniimagenet | synthetic
+  config.dataset = "cifar100"  # cifar100 | miniimagenet | digits | synthetic
   config.data_dir = ""  # TFDS data_dir; empty = TFDS's default (~/tensorflow_datasets)
-  config.download = True  # let TFDS download and prepare a missing dataset
+  config.download = True  # let TFDS download and prepare a missing dataset (cifar100)
+  config.image_size = 0  # resize images to this square size (0: the dataset's own)
   config.seed = 48  # authors' seeds: 48, 49, 51
   config.classes_per_task = 5
   config.validation_fraction = 0.15  # authors' pc_valid

@@ -1,4 +1,6 @@
-"""Task splits, validation hold-out, normalisation and the synthetic dataset."""
+"""Task splits, validation hold-out, normalisation, resizing, digits and synthetic data."""
+
+import collections
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +120,132 @@ def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
   with pytest.raises(errors.DataError, match="not available") as error:
     data.load_benchmark(config)
   assert "--config.data_dir" in str(error.value)
+
+
+def _index(images):
+  """The example index that `_dataset` wrote into each image's first pixel."""
+  return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+def _hundred_class_tasks(seed, validation_fraction=0.15):
+  return data.split_into_tasks(
+    _dataset(num_classes=100, per_class=10),
+    _dataset(num_classes=100, per_class=3),
+    num_classes=100,
+    classes_per_task=5,
+    validation_fraction=validation_fraction,
+    seed=seed,
+  )
+
+
+def test_hundred_classes_make_twenty_disjoint_tasks_of_five_in_the_seeded_order():
+  tasks = _hundred_class_tasks(seed=48)
+  classes = [c for task in tasks for c in task.classes]
+  assert len(tasks) == 20 and all(len(task.classes) == 5 for task in tasks)
+  assert sorted(classes) == list(range(100))
+  assert classes == list(data.class_order(100, 48))
+  again = _hundred_class_tasks(seed=48)
+  assert [t.classes for t in again] == [t.classes for t in tasks]
+  for task, same in zip(tasks, again, strict=True):
+    np.testing.assert_array_equal(same.train.images, task.train.images)
+    np.testing.assert_array_equal(same.validation.images, task.validation.images)
+  assert [t.classes for t in _hundred_class_tasks(seed=49)] != [t.classes for t in tasks]
+
+
+def test_train_and_validation_partition_each_task_training_examples():
+  validation_fraction = 0.15
+  full_train, full_test = _dataset(num_classes=100, per_class=10), _dataset(100, 3)
+  for task in _hundred_class_tasks(seed=51, validation_fraction=validation_fraction):
+    classes = np.asarray(task.classes)
+    train_index, valid_index = _index(task.train.images), _index(task.validation.images)
+    own_examples = np.flatnonzero(np.isin(full_train.labels, classes))
+    assert not set(train_index) & set(valid_index)
+    assert sorted([*train_index, *valid_index]) == own_examples.tolist()
+    assert len(valid_index) == int(validation_fraction * len(own_examples)) > 0
+    for split, index in ((task.train, train_index), (task.validation, valid_index)):
+      np.testing.assert_array_equal(classes[split.labels], full_train.labels[index])
+    test_index = _index(task.test.images)
+    assert sorted(test_index) == np.flatnonzero(np.isin(full_test.labels, classes)).tolist()
+    np.testing.assert_array_equal(classes[task.test.labels], full_test.labels[test_index])
+
+
+def test_normalisation_constants_are_the_spec_values():
+  np.testing.assert_allclose(data.CIFAR_MEAN, np.array([125.3, 123.0, 113.9]) / 255, rtol=1e-12)
+  np.testing.assert_allclose(data.CIFAR_STD, np.array([63.0, 62.1, 66.7]) / 255, rtol=1e-12)
+  np.testing.assert_allclose(data.IMAGENET_MEAN, [0.485, 0.456, 0.406], rtol=1e-12)
+  np.testing.assert_allclose(data.IMAGENET_STD, [0.229, 0.224, 0.225], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "mean, std",
+  [(data.CIFAR_MEAN, data.CIFAR_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)],
+  ids=["cifar", "imagenet"],
+)
+def test_normalize_maps_the_mean_to_zero_and_one_std_to_one(mean, std):
+  mean, std = np.asarray(mean), np.asarray(std)
+  pixels = 255 * np.stack([mean, mean + std, mean - 2 * std])[:, None, None, :]
+  normalized = data.normalize(jnp.asarray(pixels, jnp.float32), mean, std)
+  np.testing.assert_allclose(normalized[:, 0, 0], [[0] * 3, [1] * 3, [-2] * 3], atol=1e-5)
+
+
+def test_resize_gives_the_requested_shape_and_dtype():
+  images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  split = data.Split(images, np.arange(4, dtype=np.int32))
+  for size in (16, 84):
+    resized = data.resize(split, size)
+    assert resized.images.shape == (4, size, size, 3) and resized.images.dtype == np.uint8
+    np.testing.assert_array_equal(resized.labels, split.labels)
+  np.testing.assert_array_equal(data.resize(split, 32).images, images)
+  flat = data.Split(np.full((1, 32, 32, 3), (10, 120, 250), np.uint8), np.zeros(1, np.int32))
+  np.testing.assert_array_equal(
+    data.resize(flat, 16).images, np.full((1, 16, 16, 3), (10, 120, 250))
+  )
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+  return data.digits_splits()
+
+
+def _nearest_class_mean(train, images):
+  """Predicted classes of grey images: the class whose mean training image is closest."""
+  grey = lambda x: x[..., 0].astype(np.float32)
+  means = np.stack([grey(train.images[train.labels == c]).mean(0) for c in range(10)])
+  distances = ((grey(images)[:, None] - means[None]) ** 2).sum((2, 3))
+  return distances.argmin(1)
+
+
+def test_resized_digits_keep_their_class(digits_splits):
+  """Test digits shrunk 32->16 and enlarged back are classified (by the nearest class mean
+  of the untouched training images) about as well as the untouched test digits."""
+  train, test = digits_splits
+  round_trip = data.resize(data.resize(test, 16), 32)
+  accuracy = np.mean(_nearest_class_mean(train, test.images) == test.labels)
+  round_trip_accuracy = np.mean(_nearest_class_mean(train, round_trip.images) == test.labels)
+  assert accuracy > 0.8
+  assert round_trip_accuracy > accuracy - 0.03
+
+
+def test_digits_splits_partition_the_scikit_learn_digits(digits_splits):
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  train, test = digits_splits
+  for split in (train, test):
+    assert split.images.shape[1:] == (32, 32, 3) and split.images.dtype == np.uint8
+    assert (split.images == split.images[..., :1]).all()  # grey: three equal channels
+    pixels = split.images[:, ::4, ::4, 0]
+    np.testing.assert_array_equal(split.images[..., 0], pixels.repeat(4, 1).repeat(4, 2))
+  assert set(np.unique(train.labels)) == set(np.unique(test.labels)) == set(range(10))
+
+  def examples(labels, images_8x8):
+    return collections.Counter(zip(labels.tolist(), (x.tobytes() for x in images_8x8), strict=True))
+
+  original = np.round(digits.images * 255 / 16).astype(np.uint8)
+  train_examples = examples(train.labels, train.images[:, ::4, ::4, 0])
+  test_examples = examples(test.labels, test.images[:, ::4, ::4, 0])
+  assert not train_examples & test_examples
+  assert train_examples + test_examples == examples(digits.target, original)
+  for label in range(10):
+    class_size = np.sum(digits.target == label)
+    assert abs(np.sum(test.labels == label) - 0.3 * class_size) <= 1

@@ -1,28 +1,64 @@
 r"""Runs MARK: `python launch.py --config configs/cifar100.py --workdir DIR`.
 
-Config values are overridden as `--config.key=value`. Relaunching the same command on the
-same DIR resumes after the last finished task.
+Config values are overridden as `--config.key=value` (every key is listed in the config
+file). Relaunching the same command on the same DIR resumes after the last finished task;
+Ctrl-C (SIGINT) or SIGTERM stops between two steps and says where the run will resume.
+
+The paper's protocol, three seeds in one command (each seed in DIR/seed_<seed>, resumable;
+then DIR gets the report of mark_jax.report, mean ± std over the seeds):
+  python launch.py --config configs/cifar100.py --workdir DIR --seeds=48,49,51
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mark_jax import errors, train
+from mark_jax import errors, progress, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py); override its keys as --config.key=value."
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory: config, checkpoints, metrics, results.json (or a gs:// URL)."
+)
+_SEEDS = flags.DEFINE_list(
+  "seeds",
+  None,
+  "Run these seeds one after another, each in WORKDIR/seed_<seed>, then report them together "
+  "in WORKDIR (the authors' protocol: 48,49,51).",
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Continue in a workdir that was started with a different config (the old config.json is "
+  "kept under another name).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-file INFO lines (several dozen per checkpoint); keeps its warnings."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+def run_seeds(config, workdir: str, seeds: list[int]) -> None:
+  """Runs `config` once per seed in workdir/seed_<seed>, then reports them in workdir."""
+  import jax
+
+  from mark_jax import report  # Its flags only matter here.
+
+  seed_dirs = []
+  for seed in seeds:
+    seeded = config.copy_and_resolve_references()
+    seeded.seed = seed
+    seed_dirs.append(os.path.join(workdir, f"seed_{seed}"))
+    logging.info("=== seed %d in %s", seed, seed_dirs[-1])
+    train.train_and_evaluate(seeded, seed_dirs[-1], _ALLOW_CONFIG_CHANGE.value)
+  if jax.process_index() == 0:
+    print(report.build_report(seed_dirs, workdir))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  progress.quiet_logs()
   import jax  # After flag parsing, so --help stays fast.
 
   if _CONFIG.value.distributed:
@@ -36,9 +72,17 @@ def main(argv):
     jax.device_count(),
   )
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _SEEDS.value:
+      try:
+        seeds = [int(seed) for seed in _SEEDS.value]
+      except ValueError:
+        raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
+      run_seeds(_CONFIG.value, _WORKDIR.value, seeds)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except errors.UserError as error:
-    raise SystemExit(f"error: {error}") from None
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

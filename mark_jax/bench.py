@@ -18,11 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mark_jax import data as data_lib
-from mark_jax import metalearning, train
+from mark_jax import metalearning, progress, train
 from mark_jax import phases as phases_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -217,7 +217,7 @@ def format_table(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING)
+  progress.quiet_logs(keep_own_info=False)
   results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value)
   print(format_table(results))
   with open(_JSON.value, "w") as f:

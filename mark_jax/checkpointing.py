@@ -1,16 +1,27 @@
 """One orbax checkpoint per finished task: step = task index.
 
 Each checkpoint holds the whole run state (KB, every task's F/M/C, the RNG key) and, as
-JSON metadata, the accuracy matrix so far.
+JSON metadata, the accuracy matrix so far and a SHA-256 digest of the state's arrays.
+Orbax writes a checkpoint into a temporary directory and renames it when complete, so a
+process killed while saving leaves no checkpoint that looks finished (orbax ignores the
+temporary directory). A checkpoint whose files were truncated, altered or removed later
+fails its restore or its digest; `restore_latest` then reports it, moves it aside into
+`damaged_checkpoints/` (nothing is deleted) and falls back to the previous task.
 """
 
+import hashlib
 import os
+import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from mark_jax.errors import CheckpointError
+
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 def manager(directory) -> ocp.CheckpointManager:
@@ -29,40 +40,98 @@ def manager(directory) -> ocp.CheckpointManager:
   )
 
 
+def state_digest(state) -> str:
+  """SHA-256 over the paths, dtypes, shapes and bytes of every array of `state`."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
 def save(mngr: ocp.CheckpointManager, task: int, state, accuracy_matrix: np.ndarray) -> None:
   """Saves the state after `task` with the accuracy matrix (NaN = not yet measured)."""
   matrix = [[None if np.isnan(v) else float(v) for v in row] for row in accuracy_matrix]
+  metadata = {"task": task, "accuracy_matrix": matrix, "state_sha256": state_digest(state)}
   mngr.save(
     task,
     args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      metadata=ocp.args.JsonSave({"task": task, "accuracy_matrix": matrix}),
+      state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
     ),
   )
   mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
-  """Restores the state and accuracy matrix saved after `task`.
+  """Restores and verifies the state and accuracy matrix saved after `task`.
 
   Args:
     mngr: the checkpoint manager.
     task: the task index (checkpoint step).
-    abstract_state: shapes/dtypes of the state (jax.eval_shape of its initialiser).
+    abstract_state: shapes/dtypes/shardings of the state (jax.eval_shape of its initialiser).
 
   Returns:
     (state, accuracy_matrix as a float array with NaN for unmeasured entries).
+
+  Raises:
+    CheckpointError: there is no checkpoint for `task`, or it is damaged (unreadable,
+      incomplete, or its arrays do not match the digest written with them).
   """
   if task not in mngr.all_steps():
     raise CheckpointError(
       f"no checkpoint for task {task} in {mngr.directory}; "
       f"available: {sorted(mngr.all_steps()) or 'none'}"
     )
-  restored = mngr.restore(
-    task,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()
-    ),
-  )
-  matrix = np.array(restored.metadata["accuracy_matrix"], dtype=np.float64)
+  try:
+    restored = mngr.restore(
+      task,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()
+      ),
+    )
+    metadata = restored.metadata
+    matrix = np.array(metadata["accuracy_matrix"], dtype=np.float64)
+    expected_digest = metadata["state_sha256"]
+  except Exception as error:  # Orbax, tensorstore and JSON all raise their own types.
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise CheckpointError(
+      f"checkpoint of task {task} in {mngr.directory} is damaged: "
+      f"{type(error).__name__}: {first_line}"
+    ) from error
+  if state_digest(restored.state) != expected_digest:
+    raise CheckpointError(
+      f"checkpoint of task {task} in {mngr.directory} is damaged: its arrays do not match "
+      f"the digest written with them"
+    )
   return restored.state, matrix
+
+
+def move_aside(mngr: ocp.CheckpointManager, task: int) -> epath.Path:
+  """Moves task's checkpoint into `damaged_checkpoints/` beside the checkpoint directory."""
+  target_dir = epath.Path(mngr.directory).parent / DAMAGED_DIR
+  target_dir.mkdir(parents=True, exist_ok=True)
+  target = target_dir / f"{task}-{time.strftime('%Y%m%dT%H%M%S')}"
+  (epath.Path(mngr.directory) / str(task)).rename(target)
+  mngr.reload()
+  return target
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+  """The newest checkpoint that restores intact, falling back past damaged ones.
+
+  Each damaged checkpoint is logged with its task index and moved aside (move_aside), so
+  that the task can be trained and saved again.
+
+  Returns:
+    (task, state, accuracy_matrix), or None when no intact checkpoint exists.
+  """
+  for task in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, matrix = restore(mngr, task, abstract_state)
+    except CheckpointError as error:
+      target = move_aside(mngr, task)
+      logging.warning("%s; moved it to %s and falling back to the previous task", error, target)
+      continue
+    return task, state, matrix
+  return None

@@ -17,7 +17,7 @@ from jax import lax
 
 from mark_jax import data as data_lib
 from mark_jax.models import Networks
-from mark_jax.phases import sgd
+from mark_jax.phases import all_finite, first_nonfinite, sgd
 
 
 def accuracy_weights(accuracies: jax.Array) -> jax.Array:
@@ -108,7 +108,7 @@ def make_meta_round(
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
 
   def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
-    """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, last loss)."""
+    """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, losses)."""
     params = {"knowledge_base": knowledge_base, "head": head}
 
     def step(carry, key):
@@ -119,7 +119,7 @@ def make_meta_round(
     (params, _), losses = lax.scan(step, (params, inner_optimizer.init(params)), keys)
     logits = nets.logits(params, eval_images, eval_masks, train=False, rng=None)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == eval_labels)
-    return params["knowledge_base"], accuracy, losses[-1]
+    return params["knowledge_base"], accuracy, losses
 
   def meta_round(knowledge_base, task, images, labels, rng):
     order_key, head_key, inner_key = jax.random.split(rng, 3)
@@ -138,6 +138,11 @@ def make_meta_round(
       heads, *train, *evaluation, jax.random.split(inner_key, num_mini_tasks)
     )
     new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, sign)
-    return new_kb, {"inner_loss": jnp.mean(losses), "mini_task_accuracy": jnp.mean(accuracies)}
+    return new_kb, {
+      "inner_loss": jnp.mean(losses[:, -1]),
+      "mini_task_accuracy": jnp.mean(accuracies),
+      "first_nonfinite_step": first_nonfinite(jnp.sum(losses, axis=0)),
+      "params_finite": all_finite(new_kb),
+    }
 
   return meta_round

@@ -123,10 +123,23 @@ def batch_indices(rng: jax.Array, num_examples: int, batch_size: int):
   return order.reshape(num_batches, batch_size), weights.reshape(num_batches, batch_size)
 
 
+def first_nonfinite(values: jax.Array) -> jax.Array:
+  """Index of the first non-finite entry of a 1-D array, or -1."""
+  bad = ~jnp.isfinite(values)
+  return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every entry of every array in `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda batch: batch):
   """Compiles one epoch of `phase`: `(state, frozen, images, labels, rng) -> (state, metrics)`.
 
-  The state is donated; metrics are the epoch's mean loss and accuracy, computed on device.
+  The state is donated. Metrics, computed on device: the epoch's mean `loss` and
+  `accuracy`, `first_nonfinite_step` (index of the first step whose loss is not finite, -1
+  if none) and `params_finite` (whether every trained parameter is finite at the end).
   `shard_batch` places each batch on devices inside jit (parallel.shard_batch).
   """
 
@@ -146,6 +159,8 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
     return state, {
       "loss": totals["loss_sum"] / totals["count"],
       "accuracy": totals["correct"] / totals["count"],
+      "first_nonfinite_step": first_nonfinite(metrics["loss_sum"]),
+      "params_finite": all_finite(state["params"]),
     }
 
   return jax.jit(run_epoch, donate_argnums=0)

@@ -10,6 +10,7 @@ so every seen task is evaluated in one vmapped call, and a checkpoint of this py
 the accuracy matrix) is all a resume needs.
 """
 
+import contextlib
 import functools
 import json
 import time
@@ -20,16 +21,30 @@ from absl import logging
 from etils import epath
 from jax import lax
 
-from mark_jax import checkpointing, metalearning, parallel
+from mark_jax import (
+  checkpointing,
+  metalearning,
+  metric_writer,
+  parallel,
+  progress,
+  stopping,
+  validation,
+)
 from mark_jax import data as data_lib
 from mark_jax import metrics as metrics_lib
 from mark_jax import phases as phases_lib
+from mark_jax import workdir as workdir_lib
 from mark_jax.errors import CheckpointError, ConfigError, TrainingError
 from mark_jax.models import Networks
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def init_run_state(nets: Networks, seed: int, num_tasks: int) -> dict:
-  """The run state before task 0: fresh KB and per-task variables, the run's RNG key."""
+  """The run state before task 0: fresh KB and per-task variables, the run's RNG key.
+
+  Jitted: eagerly, the vmapped initialisers dispatch thousands of small operations (bit
+  for bit the same values, several times slower on CPU).
+  """
   kb_key, tasks_key, run_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
     "knowledge_base": nets.init_knowledge_base(kb_key),
@@ -51,10 +66,28 @@ def set_task_slot(tasks, t, task):
 
 
 class Trainer:
-  """Compiled functions of one run (built once, so nothing recompiles between tasks)."""
+  """Compiled functions of one run (built once, so nothing recompiles between tasks).
 
-  def __init__(self, config, benchmark: data_lib.Benchmark):
+  Args:
+    config: the run config.
+    benchmark: the dataset cut into tasks.
+    writer: where metrics go (default: nowhere).
+    stop: the run's StopOnSignal (default: one that never fires).
+    interactive: progress bars (True), log lines (False), or by terminal (None).
+  """
+
+  def __init__(
+    self,
+    config,
+    benchmark: data_lib.Benchmark,
+    writer: metric_writer.MetricWriter | None = None,
+    stop: stopping.StopOnSignal | None = None,
+    interactive: bool | None = None,
+  ):
     self.config = config
+    self.writer = writer or metric_writer.MetricWriter(None)
+    self.stop = stop or stopping.StopOnSignal()
+    self.interactive = interactive
     self.nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
     self.mean, self.std = benchmark.mean, benchmark.std
     try:
@@ -93,8 +126,7 @@ class Trainer:
 
   def abstract_state(self, num_tasks: int):
     """Shapes, dtypes and shardings of the run state (what a checkpoint restore needs)."""
-    init = functools.partial(init_run_state, self.nets, self.config.seed, num_tasks)
-    abstract = jax.eval_shape(init)
+    abstract = jax.eval_shape(init_run_state, self.nets, self.config.seed, num_tasks)
     return parallel.abstract_replicated(abstract, self.mesh)
 
   def device_data(self, task: data_lib.TaskData) -> dict:
@@ -112,26 +144,52 @@ class Trainer:
     test = data_lib.stack_splits([task.test for task in tasks], self.config.eval_batch_size)
     return parallel.replicate(test, self.mesh)
 
-  def run_phase(self, name, params, frozen, data, rng, *, label, model_state=None):
-    """Runs `config.epochs` epochs of a phase; returns (params, model_state)."""
+  def resume_hint(self, t: int) -> str:
+    """Where a relaunch resumes when task t is interrupted."""
+    return f"after task {t - 1}" if t > 0 else "from the start"
+
+  def check_stop(self, t: int, where: str) -> None:
+    self.stop.check(where, self.resume_hint(t))
+
+  def check_finite(self, metrics: dict, t: int, where: str) -> None:
+    """Raises TrainingError when a step's loss or the trained parameters are not finite."""
+    step = int(metrics["first_nonfinite_step"])
+    if step < 0 and bool(metrics["params_finite"]):
+      return
+    what = f"step {step + 1}: the loss is not finite" if step >= 0 else "parameters not finite"
+    raise TrainingError(
+      f"task {t}, {where}, {what}; stopped without saving task {t}, so a relaunch resumes "
+      f"{self.resume_hint(t)}: lower the learning rates or check the data"
+    )
+
+  def run_phase(self, name, params, frozen, data, rng, *, task, step, model_state=None):
+    """Runs `config.epochs` epochs of a phase; returns (params, model_state).
+
+    Args:
+      name: the phase (a key of self.phases).
+      params: what the phase trains.
+      frozen: what the phase only reads.
+      data: the task's device data (device_data).
+      rng: the phase's key.
+      task: the task index, for progress, metrics and errors.
+      step: the step of MARK this phase runs as (e.g. 'masks' or 'consolidation').
+      model_state: F^t's batch statistics, for the feature phase.
+    """
     phase, epochs = self.phases[name], self.config.epochs
     state = phases_lib.init_state(phase, params, model_state)
-    start = time.perf_counter()
-    for epoch in range(epochs):
-      state, metrics = self.epoch_fns[name](
-        state, frozen, data["train_image"], data["train_label"], jax.random.fold_in(rng, epoch)
-      )
-      metrics = jax.device_get(metrics)
-      _check_finite(metrics["loss"], label, epoch)
-      logging.info(
-        "%s epoch %d/%d: loss %.4f train accuracy %.4f",
-        label,
-        epoch + 1,
-        epochs,
-        metrics["loss"],
-        metrics["accuracy"],
-      )
-    logging.info("%s: %d epochs in %.1fs", label, epochs, time.perf_counter() - start)
+    with progress.PhaseProgress(f"task {task} {step}", epochs, interactive=self.interactive) as bar:
+      for epoch in range(epochs):
+        self.check_stop(task, f"task {task} {step} epoch {epoch + 1}")
+        state, metrics = self.epoch_fns[name](
+          state, frozen, data["train_image"], data["train_label"], jax.random.fold_in(rng, epoch)
+        )
+        metrics = jax.device_get(metrics)
+        self.check_finite(metrics, task, f"{step} epoch {epoch + 1}")
+        scalars = {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+        bar.update(scalars)
+        self.writer.write(
+          f"task_{task:02d}/{step}", epoch + 1, scalars, task=task, phase=step, epoch=epoch + 1
+        )
     return state["params"], state["model_state"]
 
   def validation_accuracy(self, model, data, use_masks) -> float:
@@ -153,24 +211,36 @@ class Trainer:
     frozen = {k: v for k, v in model.items() if k not in trainable}
     return {k: model[k] for k in trainable}, frozen, None
 
-  def train_feature_extractor(self, model, data, rng, label) -> dict:
+  def train_feature_extractor(self, model, data, rng, task) -> dict:
     """Phase 1: trains F^t with a throw-away linear probe; returns F^t's new variables."""
     probe_key, phase_key = jax.random.split(rng)
     params, frozen, batch_stats = self.phase_inputs("feature_extractor", model, probe_key)
     params, batch_stats = self.run_phase(
-      "feature_extractor", params, frozen, data, phase_key, label=label, model_state=batch_stats
+      "feature_extractor",
+      params,
+      frozen,
+      data,
+      phase_key,
+      task=task,
+      step="feature_extractor",
+      model_state=batch_stats,
     )
     return {"params": params["feature_extractor"], "batch_stats": batch_stats}
 
-  def train_phase(self, name, model, data, rng, label) -> dict:
+  def train_phase(self, name, model, data, rng, task, step=None) -> dict:
     """Trains the phase's entries of `model` (KB + one task's F/M/C); returns the new model."""
+    step = step or name
     params, frozen, _ = self.phase_inputs(name, model)
-    params, _ = self.run_phase(name, params, frozen, data, rng, label=label)
+    params, _ = self.run_phase(name, params, frozen, data, rng, task=task, step=step)
     model = {**model, **params}
-    logging.info(
-      "%s: validation accuracy %.4f",
-      label,
-      self.validation_accuracy(model, data, self.phases[name].use_masks),
+    accuracy = self.validation_accuracy(model, data, self.phases[name].use_masks)
+    logging.info("task %d %s: validation accuracy %.4f", task, step, accuracy)
+    self.writer.write(
+      f"task_{task:02d}/{step}",
+      self.config.epochs,
+      {"validation_accuracy": accuracy},
+      task=task,
+      phase=step,
     )
     return model
 
@@ -187,23 +257,20 @@ class Trainer:
     )
     data = self.device_data(task_data)
     model = {**task_slot(state["tasks"], t), "knowledge_base": state["knowledge_base"]}
-    tag = f"task {t}"
 
     if config.use_feature_extractor:
       if config.shared_feature_extractor and t > 0:
         model["feature_extractor"] = task_slot(state["tasks"], 0)["feature_extractor"]
       else:
-        model["feature_extractor"] = self.train_feature_extractor(
-          model, data, keys["features"], f"{tag} feature_extractor"
-        )
+        model["feature_extractor"] = self.train_feature_extractor(model, data, keys["features"], t)
     if t == 0 and config.pretrain_kb:
-      model = self.train_phase("kb_pretrain", model, data, keys["pretrain"], f"{tag} kb_pretrain")
-    model = self.train_phase("masks", model, data, keys["masks"], f"{tag} masks")
+      model = self.train_phase("kb_pretrain", model, data, keys["pretrain"], t)
+    model = self.train_phase("masks", model, data, keys["masks"], t)
     if config.use_metalearning:
       model["knowledge_base"] = self.metalearn(t, model, data, keys["kb"])
     else:
-      model = self.train_phase("kb_sgd", model, data, keys["kb"], f"{tag} kb_sgd")
-    model = self.train_phase("masks", model, data, keys["consolidation"], f"{tag} consolidation")
+      model = self.train_phase("kb_sgd", model, data, keys["kb"], t)
+    model = self.train_phase("masks", model, data, keys["consolidation"], t, "consolidation")
     kb = model.pop("knowledge_base")
     return {"knowledge_base": kb, "tasks": set_task_slot(state["tasks"], t, model), "rng": rng}
 
@@ -215,28 +282,22 @@ class Trainer:
     """
     kb = model["knowledge_base"]
     task = {k: v for k, v in model.items() if k != "knowledge_base"}
-    for r in range(self.config.meta_rounds):
-      start = time.perf_counter()
-      kb, metrics = self.meta_round(
-        kb, task, data["train_image"], data["train_label"], jax.random.fold_in(rng, r)
-      )
-      metrics = jax.device_get(metrics)
-      _check_finite(metrics["inner_loss"], f"task {t} metalearning", r)
-      logging.info(
-        "task %d metalearning round %d/%d: inner loss %.4f mini-task accuracy %.4f (%.1fs)",
-        t,
-        r + 1,
-        self.config.meta_rounds,
-        metrics["inner_loss"],
-        metrics["mini_task_accuracy"],
-        time.perf_counter() - start,
-      )
+    rounds = self.config.meta_rounds
+    label = f"task {t} metalearning"
+    with progress.PhaseProgress(label, rounds, "round", interactive=self.interactive) as bar:
+      for r in range(rounds):
+        self.check_stop(t, f"{label} round {r + 1}")
+        kb, metrics = self.meta_round(
+          kb, task, data["train_image"], data["train_label"], jax.random.fold_in(rng, r)
+        )
+        metrics = jax.device_get(metrics)
+        self.check_finite(metrics, t, f"metalearning round {r + 1} (inner loop)")
+        scalars = {k: metrics[k] for k in ("inner_loss", "mini_task_accuracy")}
+        bar.update(scalars)
+        self.writer.write(
+          f"task_{t:02d}/metalearning", r + 1, scalars, task=t, phase="metalearning", round=r + 1
+        )
     return kb
-
-
-def _check_finite(value, where: str, index: int) -> None:
-  if not np.isfinite(value):
-    raise TrainingError(f"non-finite loss {value} in {where} at epoch/round {index + 1}")
 
 
 def _write_json(path: epath.Path, payload: dict) -> None:
@@ -246,79 +307,111 @@ def _write_json(path: epath.Path, payload: dict) -> None:
   tmp.replace(path)
 
 
-def _resume_point(mngr, config, workdir) -> tuple[str | None, int | None]:
-  """Which checkpoint to start from: (directory, task) or (None, None) for a fresh run.
+def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int):
+  """The run's starting point: (state, accuracy matrix, first task to train).
 
   Order: --config.restore_task (from --config.restore_dir, else the workdir), else the
-  workdir's latest checkpoint, else fresh.
+  workdir's newest intact checkpoint (damaged ones are moved aside), else a fresh state.
   """
+  accuracy = np.full((num_tasks, num_tasks), np.nan)
+  abstract = trainer.abstract_state(num_tasks)
   restore_task = config.get("restore_task")
   if restore_task is None:
-    latest = mngr.latest_step()
-    return (None, None) if latest is None else (mngr.directory, latest)
-  if config.get("restore_dir"):
-    return epath.Path(config.restore_dir) / "checkpoints", restore_task
-  later = [s for s in mngr.all_steps() if s > restore_task]
-  if later:
-    raise CheckpointError(
-      f"{workdir} already has checkpoints after task {restore_task} (tasks {sorted(later)}); "
-      f"to branch from task {restore_task}, use a new --workdir with "
-      f"--config.restore_dir={workdir} --config.restore_task={restore_task}"
-    )
-  return mngr.directory, restore_task
+    restored = checkpointing.restore_latest(mngr, abstract)
+    if restored is None:
+      return trainer.init_state(num_tasks), accuracy, 0
+    restore_task, state, saved = restored
+    source = mngr.directory
+  else:
+    if config.get("restore_dir"):
+      source = epath.Path(config.restore_dir) / "checkpoints"
+      if not source.exists():
+        raise CheckpointError(f"--config.restore_dir={config.restore_dir} has no checkpoints/")
+      state, saved = checkpointing.restore(checkpointing.manager(source), restore_task, abstract)
+    else:
+      later = [s for s in mngr.all_steps() if s > restore_task]
+      if later:
+        raise CheckpointError(
+          f"{workdir} already has checkpoints after task {restore_task} (tasks {sorted(later)});"
+          f" to branch from task {restore_task}, use a new --workdir with "
+          f"--config.restore_dir={workdir} --config.restore_task={restore_task}"
+        )
+      source = mngr.directory
+      state, saved = checkpointing.restore(mngr, restore_task, abstract)
+  accuracy[: saved.shape[0], : saved.shape[1]] = saved
+  accuracy[restore_task + 1 :] = np.nan
+  logging.info("Resuming after task %d from %s", restore_task, source)
+  return state, accuracy, restore_task + 1
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def checkpoint_bytes(trainer: Trainer, num_tasks: int) -> int:
+  """Bytes of one task's checkpoint: the whole run state."""
+  abstract = trainer.abstract_state(num_tasks)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs MARK on `config.dataset` in `workdir`, resuming from its checkpoints.
 
-  Writes `workdir/config.json`, one checkpoint per task under `workdir/checkpoints/`, and
+  Before any data is loaded or anything compiled: the config is validated, the workdir
+  must be writable and, if it holds an earlier run, have been started with the same
+  config. Writes `workdir/config.json`, one checkpoint per task under
+  `workdir/checkpoints/`, metrics (`metrics.jsonl`, `tensorboard/`), and
   `workdir/results.json` (accuracy matrix, ACC, BWT, forgetting) after every task.
+  SIGINT/SIGTERM stop the run between two steps (errors.Interrupted).
+
+  Args:
+    config: the run config.
+    workdir: local path or cloud URL of the run's directory.
+    allow_config_change: continue a workdir started with another config.
 
   Returns:
     The results dict written to results.json.
+
+  Raises:
+    errors.UserError: with a message for the user (bad config, data, workdir, ...).
   """
   start_time = time.perf_counter()
+  problems = validation.validate(config)
+  if problems:
+    raise ConfigError(f"the config has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
   workdir = epath.Path(workdir)
   is_writer = jax.process_index() == 0
   if is_writer:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.check_writable(workdir)
+  workdir_lib.check_config(workdir, config, allow_config_change, is_writer)
 
   benchmark = data_lib.load_benchmark(config)
   num_tasks = len(benchmark.tasks)
-  trainer = Trainer(config, benchmark)
-  test = trainer.device_test_data(benchmark.tasks)
-
-  mngr = checkpointing.manager(workdir / "checkpoints")
-  directory, restored_task = _resume_point(mngr, config, workdir)
-  accuracy = np.full((num_tasks, num_tasks), np.nan)
-  if directory is None:
-    state, first_task = trainer.init_state(num_tasks), 0
-  else:
-    source = mngr if directory == mngr.directory else checkpointing.manager(directory)
-    abstract = trainer.abstract_state(num_tasks)
-    state, saved = checkpointing.restore(source, restored_task, abstract)
-    accuracy[: saved.shape[0], : saved.shape[1]] = saved
-    accuracy[restored_task + 1 :] = np.nan
-    first_task = restored_task + 1
-    logging.info("Resuming after task %d from %s", restored_task, directory)
-
-  for t in range(first_task, num_tasks):
-    task_start = time.perf_counter()
-    logging.info("=== task %d/%d: classes %s", t, num_tasks - 1, benchmark.tasks[t].classes)
-    state = trainer.train_task(t, state, benchmark.tasks[t])
-    seen = np.asarray(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
-    accuracy[t, : t + 1] = seen[: t + 1]
-    logging.info(
-      "task %d done in %.1fs; test accuracy of seen tasks: %s",
-      t,
-      time.perf_counter() - task_start,
-      " ".join(f"{a:.3f}" for a in seen[: t + 1]),
-    )
-    checkpointing.save(mngr, t, state, accuracy)
-    results = _write_results(workdir, config, accuracy, t + 1, start_time, is_writer)
-  if first_task == num_tasks:
-    results = _write_results(workdir, config, accuracy, num_tasks, start_time, is_writer)
+  writer = metric_writer.MetricWriter(workdir if is_writer else None)
+  with stopping.StopOnSignal() as stop, contextlib.closing(writer):
+    trainer = Trainer(config, benchmark, writer, stop)
+    if is_writer:
+      workdir_lib.check_free_space(workdir, (num_tasks + 1) * checkpoint_bytes(trainer, num_tasks))
+    test = trainer.device_test_data(benchmark.tasks)
+    mngr = checkpointing.manager(workdir / "checkpoints")
+    state, accuracy, first_task = _restore(trainer, mngr, config, workdir, num_tasks)
+    results = _write_results(workdir, config, accuracy, first_task, start_time, is_writer)
+    for t in range(first_task, num_tasks):
+      task_start = time.perf_counter()
+      logging.info("=== task %d/%d: classes %s", t, num_tasks - 1, benchmark.tasks[t].classes)
+      state = trainer.train_task(t, state, benchmark.tasks[t])
+      seen = np.asarray(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+      accuracy[t, : t + 1] = seen[: t + 1]
+      checkpointing.save(mngr, t, state, accuracy)
+      results = _write_results(workdir, config, accuracy, t + 1, start_time, is_writer)
+      logging.info(
+        "task %d done in %.0fs | ACC %.4f | test accuracy of tasks 0..%d: %s",
+        t,
+        time.perf_counter() - task_start,
+        results["acc"],
+        t,
+        " ".join(f"{a:.3f}" for a in seen[: t + 1]),
+      )
+      scalars = {f"task_{u:02d}": float(seen[u]) for u in range(t + 1)}
+      scalars.update(acc=results["acc"], bwt=results["bwt"])
+      writer.write("test", t, scalars, task=t, phase="test")
+      trainer.check_stop(t + 1, f"the evaluation after task {t}")
   logging.info("ACC %.4f BWT %.4f", results["acc"], results["bwt"])
   return results
 

@@ -1,0 +1,87 @@
+"""Progress of a run: a tqdm bar per phase on a terminal, plain log lines elsewhere."""
+
+import logging as std_logging
+import os
+import sys
+import time
+
+from absl import logging
+from tqdm import tqdm
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def quiet_logs(keep_own_info: bool = True) -> None:
+  """Hides the INFO lines of libraries (orbax writes dozens per checkpoint).
+
+  Warnings and errors always pass. Call after absl has parsed flags (inside `main`).
+
+  Args:
+    keep_own_info: keep the INFO lines of mark_jax and launch.py (else only warnings).
+  """
+
+  def keep(record) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    own = record.pathname.startswith(PACKAGE_DIR) or record.pathname.endswith("launch.py")
+    return keep_own_info and own
+
+  logging.get_absl_handler().addFilter(keep)
+
+
+class PhaseProgress:
+  """Progress through the epochs (or rounds) of one phase.
+
+  On a terminal, a bar showing the task and phase, the epoch, the last loss and accuracy
+  and the ETA; otherwise (CI, files) one log line per epoch with the same facts.
+
+  Args:
+    label: e.g. 'task 3 masks'.
+    total: number of epochs or rounds.
+    unit: 'epoch' or 'round'.
+    interactive: draw a bar (default: whether stderr is a terminal).
+  """
+
+  def __init__(self, label: str, total: int, unit: str = "epoch", interactive: bool | None = None):
+    self.label, self.total, self.unit = label, total, unit
+    self.done = 0
+    self.start = time.perf_counter()
+    interactive = sys.stderr.isatty() if interactive is None else interactive
+    self.bar = (
+      tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+      if interactive
+      else None
+    )
+
+  def update(self, metrics: dict[str, float]) -> None:
+    """Marks one more epoch (or round) done, with its metrics."""
+    self.done += 1
+    text = " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    if self.bar is not None:
+      self.bar.set_postfix_str(text, refresh=False)
+      self.bar.update()
+      return
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / self.done * (self.total - self.done)
+    logging.info(
+      "%s %s %d/%d: %s (%.1fs, ETA %.0fs)",
+      self.label,
+      self.unit,
+      self.done,
+      self.total,
+      text,
+      elapsed,
+      eta,
+    )
+
+  def close(self) -> float:
+    """Closes the bar; returns the phase's wall time in seconds."""
+    if self.bar is not None:
+      self.bar.close()
+    return time.perf_counter() - self.start
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()

@@ -1,0 +1,463 @@
+"""Checks a run config before anything is compiled or loaded.
+
+`validate(config)` returns one line per problem, naming the key as it is typed on the command
+line, the bad value and what is allowed, e.g. `--config.batch_size=0: must be a positive
+integer`. `check_or_exit(config)` prints them and exits with status 2.
+
+Two tables hold the rules: `FIELD_RULES` check one value each; `CONSISTENCY_RULES` check a key
+against other keys and the dataset's facts (class count, training images per class, image
+size), which come from `DATASET_FACTS` or `config.synthetic` without loading any data. To add
+a rule, add a row. Only the standard library is imported here.
+"""
+
+import dataclasses
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Check = Callable[[Any], str | None]
+"""Returns None when a value is fine, else what is allowed ("must be ...")."""
+
+SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2**32.
+
+
+# Network shapes (mark_jax.models.Networks).
+
+
+def network_fits(image_size: int) -> bool:
+  """Whether every spatial size of the KB and the feature extractor stays >= 1.
+
+  Kernels are image_size // 8 and image_size // 10 (then 2 in the KB); each VALID conv is
+  followed by a 2x2 max-pool that drops odd edges.
+  """
+  first, second = image_size // 8, image_size // 10
+  knowledge_base, feature_extractor = (first, second, 2), (first, second)
+  for kernel_sizes in (knowledge_base, feature_extractor):
+    side = image_size
+    for kernel in kernel_sizes:
+      if kernel < 1:
+        return False
+      side = (side - kernel + 1) // 2
+      if side < 1:
+        return False
+  return True
+
+
+def smallest_image_size(largest: int = 1024) -> int:
+  """The smallest size from which every square image size up to `largest` fits the network."""
+  size = largest
+  while size > 1 and network_fits(size - 1):
+    size -= 1
+  return size
+
+
+MIN_IMAGE_SIZE = smallest_image_size()
+
+
+# Dataset facts.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+  """What the rules need to know about a dataset.
+
+  Attributes:
+    name: the dataset's config name.
+    num_classes: classes in the dataset.
+    train_per_class: training images per class (a guaranteed minimum).
+    image_size: side of the square images its loader delivers.
+  """
+
+  name: str
+  num_classes: int
+  train_per_class: int
+  image_size: int
+
+
+DATASET_FACTS = {
+  "cifar100": DatasetFacts("cifar100", num_classes=100, train_per_class=500, image_size=32),
+  "miniimagenet": DatasetFacts("miniimagenet", num_classes=100, train_per_class=500, image_size=84),
+  # scikit-learn's 8x8 digits, which the loader enlarges to 32x32: at least 174 images per
+  # class, about 30% of them held out as test.
+  "digits": DatasetFacts("digits", num_classes=10, train_per_class=120, image_size=32),
+}
+DATASET_NAMES = (*DATASET_FACTS, "synthetic")
+SYNTHETIC_KEYS = (
+  "synthetic.num_classes",
+  "synthetic.train_per_class",
+  "synthetic.test_per_class",
+  "synthetic.image_size",
+  "synthetic.seed",
+)
+
+
+# Single-value checks.
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(value: Any) -> str | None:
+  return None if _is_int(value) and value > 0 else "must be a positive integer"
+
+
+def non_negative_int(value: Any) -> str | None:
+  return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
+
+
+def seed(value: Any) -> str | None:
+  return None if _is_int(value) and 0 <= value < SEED_LIMIT else "must be an integer in [0, 2**32)"
+
+
+def positive_float(value: Any) -> str | None:
+  return None if _is_finite_number(value) and value > 0 else "must be a positive finite number"
+
+
+def non_negative_float(value: Any) -> str | None:
+  ok = _is_finite_number(value) and value >= 0
+  return None if ok else "must be a non-negative finite number"
+
+
+def unit_interval(value: Any) -> str | None:
+  return None if _is_finite_number(value) and 0 <= value < 1 else "must be a number in [0, 1)"
+
+
+def optional_float(value: Any) -> str | None:
+  ok = value is None or _is_finite_number(value)
+  return None if ok else "must be None or a finite number"
+
+
+def optional_non_negative_int(value: Any) -> str | None:
+  ok = value is None or (_is_int(value) and value >= 0)
+  return None if ok else "must be None or a non-negative integer"
+
+
+def boolean(value: Any) -> str | None:
+  return None if isinstance(value, bool) else "must be True or False"
+
+
+def string(value: Any) -> str | None:
+  return None if isinstance(value, str) else "must be a string"
+
+
+def zero_or_network_size(value: Any) -> str | None:
+  ok = _is_int(value) and (value == 0 or value >= MIN_IMAGE_SIZE)
+  return None if ok else f"must be 0 (the dataset's size) or an integer >= {MIN_IMAGE_SIZE}"
+
+
+def min_int(minimum: int) -> Check:
+  """An integer >= minimum."""
+  return lambda value: (
+    None if _is_int(value) and value >= minimum else f"must be an integer >= {minimum}"
+  )
+
+
+def one_of(names: Sequence[str]) -> Check:
+  """One of the given names."""
+  allowed = ", ".join(sorted(names))
+  return lambda value: (
+    None if isinstance(value, str) and value in names else f"must be one of: {allowed}"
+  )
+
+
+def positive_ints(length: int) -> Check:
+  """A sequence of exactly `length` positive integers."""
+
+  def check(value: Any) -> str | None:
+    ok = (
+      isinstance(value, Sequence)
+      and not isinstance(value, str)
+      and len(value) == length
+      and all(_is_int(v) and v > 0 for v in value)
+    )
+    return None if ok else f"must be a sequence of exactly {length} positive integers"
+
+  return check
+
+
+REQUIRED = object()
+"""`FieldRule.default` of a key the config must have."""
+
+
+def _is_synthetic(values: dict[str, Any]) -> bool:
+  return values.get("dataset") == "synthetic"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldRule:
+  """One key's value check.
+
+  Attributes:
+    key: dotted config key.
+    check: the value check.
+    default: the value of a missing key, or REQUIRED.
+    applies: whether the rule applies, given the values checked before it.
+  """
+
+  key: str
+  check: Check
+  default: Any = REQUIRED
+  applies: Callable[[dict[str, Any]], bool] = lambda values: True
+
+
+FIELD_RULES = (
+  # Data.
+  FieldRule("dataset", one_of(DATASET_NAMES)),
+  FieldRule("data_dir", string),
+  FieldRule("download", boolean),
+  FieldRule("seed", seed),
+  FieldRule("classes_per_task", positive_int),
+  FieldRule("validation_fraction", unit_interval),
+  FieldRule("max_tasks", non_negative_int, default=0),
+  FieldRule("image_size", zero_or_network_size, default=0),
+  FieldRule("synthetic.num_classes", positive_int, applies=_is_synthetic),
+  FieldRule("synthetic.train_per_class", positive_int, applies=_is_synthetic),
+  FieldRule("synthetic.test_per_class", positive_int, applies=_is_synthetic),
+  FieldRule("synthetic.image_size", min_int(MIN_IMAGE_SIZE), applies=_is_synthetic),
+  FieldRule("synthetic.seed", seed, applies=_is_synthetic),
+  # Networks.
+  FieldRule("kb_channels", positive_ints(3)),
+  FieldRule("feature_channels", positive_ints(2)),
+  FieldRule("latent_dim", positive_int),
+  FieldRule("dropout_rate", unit_interval),
+  FieldRule("mask_activation", one_of(("relu", "sigmoid"))),
+  FieldRule("mask_bias_init", optional_float),
+  FieldRule("conv_impl", one_of(("auto", "native", "patches"))),
+  # SGD phases.
+  FieldRule("batch_size", positive_int),
+  FieldRule("eval_batch_size", positive_int),
+  FieldRule("epochs", positive_int),
+  FieldRule("learning_rate", positive_float),
+  FieldRule("momentum", unit_interval),
+  FieldRule("weight_decay", non_negative_float),
+  FieldRule("feature_grad_clip", non_negative_float),
+  FieldRule("pretrain_kb", boolean),
+  # Metalearning.
+  FieldRule("use_metalearning", boolean),
+  FieldRule("meta_rounds", non_negative_int),
+  FieldRule("mini_tasks", positive_int),
+  FieldRule("inner_steps", positive_int),
+  FieldRule("inner_learning_rate", positive_float),
+  FieldRule("inner_weight_decay", non_negative_float),
+  FieldRule("meta_step_size", positive_float),
+  FieldRule("meta_weight_decay", non_negative_float),
+  FieldRule("meta_sign", one_of(("paper", "authors"))),
+  FieldRule("meta_accuracy_batch", one_of(("same", "next"))),
+  # Ablations, devices, checkpoints.
+  FieldRule("use_masks", boolean),
+  FieldRule("use_feature_extractor", boolean),
+  FieldRule("shared_feature_extractor", boolean),
+  FieldRule("distributed", boolean),
+  FieldRule("restore_task", optional_non_negative_int, default=None),
+  FieldRule("restore_dir", string, default=""),
+)
+
+
+# Consistency checks: (values, facts) -> what is wrong, or None. Facts are None when the
+# dataset is unknown or its synthetic settings are bad.
+
+
+def _count(number: int, noun: str) -> str:
+  return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _task_count(values: dict[str, Any], facts: DatasetFacts) -> int:
+  return facts.num_classes // values["classes_per_task"]
+
+
+def _tasks_run(values: dict[str, Any], facts: DatasetFacts) -> int:
+  return values["max_tasks"] or _task_count(values, facts)
+
+
+def _task_train_examples(values: dict[str, Any], facts: DatasetFacts) -> int:
+  """A task's training images after the validation hold-out, rounded down (conservative)."""
+  examples = values["classes_per_task"] * facts.train_per_class
+  return examples - math.ceil(examples * values["validation_fraction"])
+
+
+def masks_need_feature_extractor(values, facts) -> str | None:
+  if values["use_masks"] and not values["use_feature_extractor"]:
+    return "requires --config.use_masks=False (the masks come from the feature extractor)"
+  return None
+
+
+def shared_needs_feature_extractor(values, facts) -> str | None:
+  if values["shared_feature_extractor"] and not values["use_feature_extractor"]:
+    return "requires --config.use_feature_extractor=True (there is no feature extractor to share)"
+  return None
+
+
+def restore_dir_needs_task(values, facts) -> str | None:
+  if values["restore_dir"] and values["restore_task"] is None:
+    return "requires --config.restore_task (the task to restore from that directory)"
+  return None
+
+
+def classes_divide(values, facts) -> str | None:
+  if facts.num_classes % values["classes_per_task"] == 0:
+    return None
+  divisors = [d for d in range(1, facts.num_classes + 1) if facts.num_classes % d == 0]
+  return (
+    f"does not divide the {facts.num_classes} classes of {facts.name} "
+    f"(allowed: {', '.join(map(str, divisors))})"
+  )
+
+
+def max_tasks_within_dataset(values, facts) -> str | None:
+  tasks = _task_count(values, facts)
+  if values["max_tasks"] <= tasks:
+    return None
+  return f"must be at most the {_count(tasks, 'task')} of {facts.name} (0: all)"
+
+
+def restore_task_within_run(values, facts) -> str | None:
+  tasks = _tasks_run(values, facts)
+  if values["restore_task"] is None or values["restore_task"] < tasks:
+    return None
+  return f"must be below {tasks}, the number of tasks this run trains"
+
+
+def batch_fits_task(values, facts) -> str | None:
+  examples = _task_train_examples(values, facts)
+  if values["batch_size"] <= examples:
+    return None
+  return (
+    f"must be at most {examples}, the training images of one {facts.name} task "
+    f"({values['classes_per_task']} classes x {facts.train_per_class} images, "
+    f"less the {values['validation_fraction']} validation fraction)"
+  )
+
+
+def dataset_images_fit_network(values, facts) -> str | None:
+  if values["image_size"] or facts.image_size >= MIN_IMAGE_SIZE:
+    return None
+  side = facts.image_size
+  return (
+    f"{facts.name} images are {side}x{side}, smaller than the network's minimum of "
+    f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}; set it to at least {MIN_IMAGE_SIZE}"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyRule:
+  """A check of one key against others.
+
+  Attributes:
+    key: the key its line names; once it fails, later rules reading it are skipped.
+    reads: the other keys it reads; it is skipped while one of them is bad.
+    check: (values, facts) -> what is wrong, or None.
+    needs_dataset: skipped when the dataset's facts are unknown.
+  """
+
+  key: str
+  reads: tuple[str, ...]
+  check: Callable[[dict[str, Any], DatasetFacts | None], str | None]
+  needs_dataset: bool = False
+
+
+CONSISTENCY_RULES = (
+  ConsistencyRule("use_feature_extractor", ("use_masks",), masks_need_feature_extractor),
+  ConsistencyRule(
+    "shared_feature_extractor", ("use_feature_extractor",), shared_needs_feature_extractor
+  ),
+  ConsistencyRule("restore_dir", ("restore_task",), restore_dir_needs_task),
+  ConsistencyRule("classes_per_task", (), classes_divide, needs_dataset=True),
+  ConsistencyRule("max_tasks", ("classes_per_task",), max_tasks_within_dataset, needs_dataset=True),
+  ConsistencyRule(
+    "restore_task", ("classes_per_task", "max_tasks"), restore_task_within_run, needs_dataset=True
+  ),
+  ConsistencyRule(
+    "batch_size", ("classes_per_task", "validation_fraction"), batch_fits_task, needs_dataset=True
+  ),
+  ConsistencyRule("image_size", (), dataset_images_fit_network, needs_dataset=True),
+)
+
+
+# Running the rules.
+
+_MISSING = object()
+
+
+def _lookup(config: Any, key: str) -> Any:
+  """config[a][b] for key 'a.b', or _MISSING."""
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return _MISSING
+  return node
+
+
+def _shown(value: Any) -> str:
+  """A value as the user would read it: strings quoted, so '1' and 1 differ."""
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def _line(key: str, value: Any, message: str) -> str:
+  return f"--config.{key}={_shown(value)}: {message}"
+
+
+def _dataset_facts(values: dict[str, Any], bad_keys: set[str]) -> DatasetFacts | None:
+  """The facts of the configured dataset, or None when unknown or its settings are bad."""
+  dataset = values.get("dataset")
+  if "dataset" in bad_keys:
+    return None
+  if dataset != "synthetic":
+    return DATASET_FACTS[dataset]
+  if bad_keys.intersection(SYNTHETIC_KEYS):
+    return None
+  return DatasetFacts(
+    "synthetic",
+    num_classes=values["synthetic.num_classes"],
+    train_per_class=values["synthetic.train_per_class"],
+    image_size=values["synthetic.image_size"],
+  )
+
+
+def validate(config: Any) -> list[str]:
+  """All the problems of a run config, one readable line each; empty when it is fine."""
+  problems, values, bad_keys = [], {}, set()
+  for rule in FIELD_RULES:
+    if not rule.applies(values):
+      continue
+    value = _lookup(config, rule.key)
+    if value is _MISSING and rule.default is not REQUIRED:
+      value = rule.default
+    if value is _MISSING:
+      problems.append(f"--config.{rule.key} is missing: it {rule.check(_MISSING)}")
+      bad_keys.add(rule.key)
+      continue
+    values[rule.key] = value
+    message = rule.check(value)
+    if message:
+      problems.append(_line(rule.key, value, message))
+      bad_keys.add(rule.key)
+
+  facts = _dataset_facts(values, bad_keys)
+  for rule in CONSISTENCY_RULES:
+    if bad_keys.intersection((rule.key, *rule.reads)) or (rule.needs_dataset and facts is None):
+      continue
+    message = rule.check(values, facts)
+    if message:
+      problems.append(_line(rule.key, values[rule.key], message))
+      bad_keys.add(rule.key)
+  return problems
+
+
+def check_or_exit(config: Any) -> None:
+  """Prints the config's problems to stderr and exits with status 2 when there are any."""
+  problems = validate(config)
+  if not problems:
+    return
+  print(f"error: the config has {len(problems)} problem(s):", file=sys.stderr)
+  for problem in problems:
+    print(f"  {problem}", file=sys.stderr)
+  raise SystemExit(2)

@@ -1,0 +1,103 @@
+"""Checks that a workdir can hold a run, before any training.
+
+- `check_writable`: the directory can be created and written.
+- `check_free_space`: the disk has room for every task's checkpoint.
+- `check_config`: a workdir started with another configuration is refused (the keys in
+  `CHANGEABLE_KEYS` may differ), unless the user forces it; the config is then saved.
+"""
+
+import json
+import shutil
+import time
+
+from etils import epath
+
+from mark_jax.errors import WorkdirError
+
+CONFIG_FILE = "config.json"
+# Keys that do not change a run's numbers: where data and checkpoints come from, devices,
+# the evaluation chunk size (accuracies are exact counts).
+CHANGEABLE_KEYS = frozenset(
+  {"data_dir", "download", "distributed", "restore_task", "restore_dir", "eval_batch_size"}
+)
+FORCE_FLAG = "--allow_config_change"
+
+
+def is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+def check_writable(workdir: epath.Path) -> None:
+  """Creates `workdir` if needed and writes (then removes) a probe file in it."""
+  probe = workdir / f".write_probe_{time.time_ns()}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("probe")
+    probe.unlink()
+  except OSError as error:
+    raise WorkdirError(f"cannot write to workdir {workdir}: {error.strerror or error}") from None
+
+
+def check_free_space(workdir: epath.Path, needed_bytes: int) -> None:
+  """Raises WorkdirError when a local workdir's disk has less than `needed_bytes` free."""
+  if not is_local(workdir):
+    return
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise WorkdirError(
+      f"the disk of workdir {workdir} has {free / 2**20:.0f} MiB free; the run's checkpoints "
+      f"need about {needed_bytes / 2**20:.0f} MiB: free some space or use another --workdir"
+    )
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+  """Nested dicts as one dict of dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(flatten_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+  """(key, saved value, current value) for every key that differs, changeable keys aside."""
+  saved, current = flatten_config(saved), flatten_config(current)
+  return [
+    (key, saved.get(key, "<absent>"), current.get(key, "<absent>"))
+    for key in sorted(set(saved) | set(current))
+    if key not in CHANGEABLE_KEYS and saved.get(key) != current.get(key)
+  ]
+
+
+def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: bool) -> None:
+  """Refuses a workdir started with another config; saves the config as config.json.
+
+  Args:
+    workdir: the run's directory.
+    config: the run's ml_collections config.
+    allow_change: continue anyway (the previous config.json is kept under another name).
+    is_writer: whether this process writes files (process 0).
+
+  Raises:
+    WorkdirError: the workdir's config.json differs in keys outside CHANGEABLE_KEYS.
+  """
+  path = workdir / CONFIG_FILE
+  text = config.to_json_best_effort(indent=2)
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+      raise WorkdirError(f"{path} is not valid JSON ({error}); move it away to go on") from None
+    differences = config_differences(saved, json.loads(text))
+    if differences and not allow_change:
+      listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
+      raise WorkdirError(
+        f"workdir {workdir} was started with another config ({listed}); use a new "
+        f"--workdir, or pass {FORCE_FLAG} to continue with this one"
+      )
+    if differences and is_writer:
+      path.rename(workdir / f"config.before-{time.strftime('%Y%m%dT%H%M%S')}.json")
+  if is_writer:
+    path.write_text(text)

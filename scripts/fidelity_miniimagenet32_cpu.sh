@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The ten CPU fidelity runs of README's results table, one after another (hours on a CPU).
+# Usage: bash scripts/fidelity_miniimagenet32_cpu.sh [RUNS_DIR [VARIANT:SEED ...]]
+# Needs MiniImageNet prepared once: python -m mark_jax.data prepare miniimagenet --source PATH
+# Each run trains in RUNS_DIR/<variant>_seed<seed> (default RUNS_DIR /tmp/mark_fidelity;
+# relaunching resumes after the last finished task) and its results.json is copied to
+# results/miniimagenet32_cpu/<variant>_seed<seed>/. Without VARIANT:SEED arguments it runs
+# all ten; giving some lets two processes share the list (one per core). Then:
+#   python -m mark_jax.report results/miniimagenet32_cpu/*/ --out results/miniimagenet32_cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs_dir="${1:-/tmp/mark_fidelity}"
+shift || true
+declare -A variants=(
+  [mark_default_init]=""
+  [mark]="--config.mask_bias_init=1.0"
+  [kb_frozen_after_task0]="--config.mask_bias_init=1.0 --config.meta_rounds=0"
+  [no_metalearning]="--config.mask_bias_init=1.0 --config.use_metalearning=False"
+)
+runs=("$@")
+if [ ${#runs[@]} -eq 0 ]; then
+  runs=(mark:48 kb_frozen_after_task0:48 no_metalearning:48 mark_default_init:48
+    mark:49 kb_frozen_after_task0:49 no_metalearning:49
+    mark:51 kb_frozen_after_task0:51 no_metalearning:51)
+fi
+for run in "${runs[@]}"; do
+  variant="${run%%:*}"
+  seed="${run##*:}"
+  name="${variant}_seed${seed}"
+  # shellcheck disable=SC2086  # the variant's flags are meant to split
+  python launch.py --config configs/miniimagenet32_cpu.py --workdir "$runs_dir/$name" \
+    --config.seed="$seed" ${variants[$variant]}
+  mkdir -p "results/miniimagenet32_cpu/$name"
+  cp "$runs_dir/$name/results.json" "results/miniimagenet32_cpu/$name/results.json"
+done

@@ -1,0 +1,140 @@
+"""What users see: progress, metric files, evaluation of a checkpoint, seeds, ablations, --help."""
+
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from tensorboardX.proto import event_pb2
+
+from configs import ablations, cifar100
+from mark_jax import evaluate, progress, validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _events(directory: str) -> list:
+  """Every scalar (tag, step, value) in the TensorBoard event files under `directory`."""
+  scalars = []
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      content = f.read()
+    offset = 0
+    while offset < len(content):  # TFRecord framing: length, crc, data, crc.
+      (length,) = struct.unpack("<Q", content[offset : offset + 8])
+      event = event_pb2.Event.FromString(content[offset + 12 : offset + 12 + length])
+      offset += 16 + length
+      scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return scalars
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(smoke_run):
+  workdir, results = smoke_run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  phases = {(r["task"], r["phase"]) for r in records if "epoch" in r}
+  assert {(0, "feature_extractor"), (0, "kb_pretrain"), (0, "masks")} <= phases
+  assert {(2, "masks"), (2, "consolidation")} <= phases
+  assert any(r["phase"] == "metalearning" and "inner_loss" in r for r in records)
+  last_test = [r for r in records if r["phase"] == "test"][-1]
+  assert last_test["acc"] == pytest.approx(results["acc"])
+  scalars = _events(os.path.join(workdir, "tensorboard"))
+  tags = {tag for tag, _, _ in scalars}
+  assert "task_01/masks/loss" in tags and "test/acc" in tags
+  final_acc = [value for tag, step, value in scalars if tag == "test/acc" and step == 2]
+  assert final_acc == [pytest.approx(results["acc"], abs=1e-6)]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["dataset"] == "synthetic"
+
+
+def test_evaluate_reproduces_the_recorded_accuracies(smoke_run):
+  workdir, results = smoke_run
+  latest = evaluate.evaluate(workdir)
+  assert latest["task"] == 2
+  assert latest["test_accuracy"] == pytest.approx(results["accuracy_matrix"][2], abs=1e-6)
+  first = evaluate.evaluate(workdir, task=0)
+  assert first["test_accuracy"] == pytest.approx([results["accuracy_matrix"][0][0]], abs=1e-6)
+  assert "mean" in evaluate.format_evaluation(latest)
+
+
+def test_evaluate_cli_explains_a_wrong_workdir(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "mark_jax.evaluate", str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+    f"error: {tmp_path}/config.json does not exist: is {tmp_path} the workdir of a run?"
+  ]
+
+
+def test_progress_bar_on_a_terminal(capsys):
+  with progress.PhaseProgress("task 3 masks", 2, interactive=True) as bar:
+    bar.update({"loss": 1.25, "accuracy": 0.5})
+    bar.update({"loss": 0.75, "accuracy": 0.625})
+  err = capsys.readouterr().err
+  assert "task 3 masks" in err and "2/2" in err and "loss 0.7500" in err
+
+
+def test_progress_log_lines_elsewhere(caplog):
+  caplog.set_level(logging.INFO)
+  with progress.PhaseProgress("task 3 metalearning", 4, "round", interactive=False) as bar:
+    bar.update({"inner_loss": 1.5})
+  lines = [r.getMessage() for r in caplog.records]
+  assert any(
+    line.startswith("task 3 metalearning round 1/4: inner_loss 1.5000") and "ETA" in line
+    for line in lines
+  )
+
+
+def test_ablation_configs_differ_from_cifar100_only_where_named():
+  base = cifar100.get_config().to_dict()
+  for name, changes in ablations.ABLATIONS.items():
+    config = ablations.get_config(name)
+    assert validation.validate(config) == []
+    changed = {k for k, v in config.to_dict().items() if base[k] != v}
+    assert changed == set(changes), name
+  with pytest.raises(ValueError, match="known: no_metalearning"):
+    ablations.get_config("no_such_ablation")
+
+
+@pytest.mark.parametrize("command", [["launch.py"], ["-m", "mark_jax.evaluate"]])
+def test_help_explains_the_flags(command):
+  result = subprocess.run(
+    [sys.executable, *command, "--helpshort"], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0
+  flags = ("--config", "--workdir", "--seeds", "--allow_config_change")
+  for flag in flags if command == ["launch.py"] else ("--task", "--data_dir"):
+    assert flag in result.stdout
+
+
+def test_seeds_run_from_one_command_and_are_reported_together(tmp_path):
+  overrides = [
+    "--config.max_tasks=1",
+    "--config.epochs=1",
+    "--config.synthetic.train_per_class=16",
+    "--config.synthetic.test_per_class=4",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=20",
+    "--config.mini_tasks=2",
+    "--config.inner_steps=2",
+  ]
+  command = [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={tmp_path}"]
+  result = subprocess.run(
+    [*command, "--seeds=3,4", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  for seed in (3, 4):
+    with open(tmp_path / f"seed_{seed}" / "results.json") as f:
+      assert json.load(f)["config"]["seed"] == seed
+  with open(tmp_path / "report.json") as f:
+    (group,) = json.load(f).values()
+  assert sorted(group["seeds"]) == [3, 4]
+  assert (tmp_path / "accuracy_matrix.png").exists()

@@ -11,14 +11,15 @@ fails its restore or its digest; `restore_latest` then reports it, moves it asid
 
 import hashlib
 import os
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
+from mark_jax import workdir as workdir_lib
 from mark_jax.errors import CheckpointError
 
 DAMAGED_DIR = "damaged_checkpoints"
@@ -94,10 +95,10 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
     matrix = np.array(metadata["accuracy_matrix"], dtype=np.float64)
     expected_digest = metadata["state_sha256"]
   except Exception as error:  # Orbax, tensorstore and JSON all raise their own types.
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = " ".join(str(error).split())
+    detail = detail if len(detail) <= 160 else detail[:160] + "..."
     raise CheckpointError(
-      f"checkpoint of task {task} in {mngr.directory} is damaged: "
-      f"{type(error).__name__}: {first_line}"
+      f"checkpoint of task {task} in {mngr.directory} is damaged: {type(error).__name__}: {detail}"
     ) from error
   if state_digest(restored.state) != expected_digest:
     raise CheckpointError(
@@ -107,17 +108,26 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
   return restored.state, matrix
 
 
-def move_aside(mngr: ocp.CheckpointManager, task: int) -> epath.Path:
-  """Moves task's checkpoint into `damaged_checkpoints/` beside the checkpoint directory."""
+def move_aside(mngr: ocp.CheckpointManager, task: int, is_writer: bool = True) -> epath.Path:
+  """Moves task's checkpoint into `damaged_checkpoints/` beside the checkpoint directory.
+
+  Only the writing process (process 0) moves it; every process then waits for the others
+  and rereads the checkpoint directory.
+
+  Returns:
+    Where the checkpoint went.
+  """
   target_dir = epath.Path(mngr.directory).parent / DAMAGED_DIR
-  target_dir.mkdir(parents=True, exist_ok=True)
-  target = target_dir / f"{task}-{time.strftime('%Y%m%dT%H%M%S')}"
-  (epath.Path(mngr.directory) / str(task)).rename(target)
+  target = workdir_lib.unused_path(target_dir, str(task))
+  if is_writer:
+    target_dir.mkdir(parents=True, exist_ok=True)
+    (epath.Path(mngr.directory) / str(task)).rename(target)
+  multihost_utils.sync_global_devices(f"moved aside the checkpoint of task {task}")
   mngr.reload()
   return target
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, is_writer: bool = True):
   """The newest checkpoint that restores intact, falling back past damaged ones.
 
   Each damaged checkpoint is logged with its task index and moved aside (move_aside), so
@@ -130,7 +140,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     try:
       state, matrix = restore(mngr, task, abstract_state)
     except CheckpointError as error:
-      target = move_aside(mngr, task)
+      target = move_aside(mngr, task, is_writer)
       logging.warning("%s; moved it to %s and falling back to the previous task", error, target)
       continue
     return task, state, matrix

@@ -58,8 +58,8 @@ class PhaseProgress:
     self.done += 1
     text = " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     if self.bar is not None:
-      self.bar.set_postfix_str(text, refresh=False)
       self.bar.update()
+      self.bar.set_postfix_str(text)  # Redraws: an epoch is rare enough to show every one.
       return
     elapsed = time.perf_counter() - self.start
     eta = elapsed / self.done * (self.total - self.done)

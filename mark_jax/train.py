@@ -300,13 +300,6 @@ class Trainer:
     return kb
 
 
-def _write_json(path: epath.Path, payload: dict) -> None:
-  """Writes JSON through a temporary file, so a reader never sees a half-written file."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2))
-  tmp.replace(path)
-
-
 def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int):
   """The run's starting point: (state, accuracy matrix, first task to train).
 
@@ -317,7 +310,7 @@ def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int
   abstract = trainer.abstract_state(num_tasks)
   restore_task = config.get("restore_task")
   if restore_task is None:
-    restored = checkpointing.restore_latest(mngr, abstract)
+    restored = checkpointing.restore_latest(mngr, abstract, jax.process_index() == 0)
     if restored is None:
       return trainer.init_state(num_tasks), accuracy, 0
     restore_task, state, saved = restored
@@ -420,5 +413,5 @@ def _write_results(workdir, config, accuracy, tasks_completed, start_time, is_wr
   results = metrics_lib.summarize(accuracy, tasks_completed)
   results.update(config=config.to_dict(), wall_seconds=time.perf_counter() - start_time)
   if is_writer:
-    _write_json(workdir / "results.json", results)
+    workdir_lib.write_atomically(workdir / "results.json", json.dumps(results, indent=2))
   return results

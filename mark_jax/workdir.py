@@ -27,6 +27,23 @@ def is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
 
 
+def write_atomically(path: epath.Path, text: str) -> None:
+  """Writes through a temporary file, so a reader (or a kill) never leaves half a file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def unused_path(directory: epath.Path, stem: str, suffix: str = "") -> epath.Path:
+  """directory/<stem>-<local time><suffix>, with -2, -3, ... added until the name is free."""
+  base = f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}"
+  path, count = directory / f"{base}{suffix}", 1
+  while path.exists():
+    count += 1
+    path = directory / f"{base}-{count}{suffix}"
+  return path
+
+
 def check_writable(workdir: epath.Path) -> None:
   """Creates `workdir` if needed and writes (then removes) a probe file in it."""
   probe = workdir / f".write_probe_{time.time_ns()}"
@@ -77,7 +94,8 @@ def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: boo
   Args:
     workdir: the run's directory.
     config: the run's ml_collections config.
-    allow_change: continue anyway (the previous config.json is kept under another name).
+    allow_change: continue anyway (the previous config.json is kept as
+      config.before-<time>.json).
     is_writer: whether this process writes files (process 0).
 
   Raises:
@@ -97,7 +115,9 @@ def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: boo
         f"workdir {workdir} was started with another config ({listed}); use a new "
         f"--workdir, or pass {FORCE_FLAG} to continue with this one"
       )
-    if differences and is_writer:
-      path.rename(workdir / f"config.before-{time.strftime('%Y%m%dT%H%M%S')}.json")
+    if not differences:
+      return
+    if is_writer:
+      path.rename(unused_path(workdir, "config.before", ".json"))
   if is_writer:
-    path.write_text(text)
+    write_atomically(path, text)

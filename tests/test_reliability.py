@@ -1,0 +1,474 @@
+"""Faults a long run meets: kills, signals, damaged checkpoints, bad configs, data and workdirs.
+
+One uninterrupted in-process run of the tiny config is the reference; every recovered run
+must end with its accuracy matrix, ACC, BWT and, bit for bit, its checkpointed states.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import smoke
+from mark_jax import checkpointing, data, errors, train
+from mark_jax import workdir as workdir_lib
+
+from tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+KILL_SEED = 5  # Its delay is 0.6 of the reference run: inside task 0, mostly compilation.
+RESULT_KEYS = ("accuracy_matrix", "acc", "bwt")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_overrides(config, base) -> list[str]:
+  """The `--config.key=value` flags that turn config `base` into `config`."""
+  wanted, given = _flatten(config.to_dict()), _flatten(base.to_dict())
+  assert set(wanted) == set(given), "the two configs have different keys"
+  return [f"--config.{key}={value}" for key, value in sorted(wanted.items()) if value != given[key]]
+
+
+TINY_FLAGS = config_overrides(tiny_config(), smoke.get_config())
+
+
+def launch_command(workdir: Path, config_flags: list[str]) -> list[str]:
+  return [
+    sys.executable,
+    "launch.py",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    *config_flags,
+  ]
+
+
+def read_results(workdir: Path) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+def final_numbers(results: dict) -> dict:
+  return {key: results[key] for key in RESULT_KEYS}
+
+
+def checkpoint_digests(workdir: Path) -> dict[int, str]:
+  """Task -> the state digest written in that task's checkpoint metadata."""
+  checkpoints = workdir / "checkpoints"
+  return {
+    int(entry.name): json.loads((entry / "metadata" / "metadata").read_text())["state_sha256"]
+    for entry in checkpoints.iterdir()
+    if entry.name.isdigit()
+  }
+
+
+def file_sizes(root: Path) -> dict[str, int]:
+  """Relative path -> size of every file under `root`."""
+  return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def largest_array_file(checkpoint: Path) -> Path:
+  return max((p for p in (checkpoint / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """An uninterrupted tiny run: its workdir, results.json, duration and checkpoint digests."""
+
+  workdir: Path
+  results: dict
+  seconds: float
+  digests: dict[int, str]
+
+  def assert_matches(self, workdir: Path) -> None:
+    """Asserts that `workdir` ended with the same numbers and checkpointed states."""
+    assert final_numbers(read_results(workdir)) == final_numbers(self.results)
+    assert checkpoint_digests(workdir) == self.digests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache_dir(tmp_path_factory) -> Path:
+  """A persistent compilation cache for this module: relaunches load what the reference compiled.
+
+  Never given to a process that gets SIGKILLed: JAX does not write cache entries atomically.
+  """
+  cache_dir = tmp_path_factory.mktemp("jax_cache")
+  previous_dir = jax.config.jax_compilation_cache_dir
+  previous_min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(str(cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield cache_dir
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous_min_time)
+  compilation_cache.set_cache_dir(previous_dir)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
+  workdir = tmp_path_factory.mktemp("reference")
+  start = time.perf_counter()
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  seconds = time.perf_counter() - start
+  return Reference(workdir, read_results(workdir), seconds, checkpoint_digests(workdir))
+
+
+@pytest.fixture
+def finished_copy(reference, copy_workdir) -> Path:
+  """A copy of the reference's finished workdir."""
+  return Path(copy_workdir(str(reference.workdir)))
+
+
+def damage_warnings(caplog) -> list[str]:
+  return [
+    record.getMessage()
+    for record in caplog.records
+    if record.levelno == logging.WARNING and "is damaged" in record.getMessage()
+  ]
+
+
+def moved_checkpoints(workdir: Path) -> dict[int, Path]:
+  """Task -> its checkpoint's directory in damaged_checkpoints/."""
+  moved = sorted((workdir / "damaged_checkpoints").iterdir())
+  return {int(path.name.split("-")[0]): path for path in moved}
+
+
+# Kills and signals (subprocesses of launch.py).
+
+
+def cached_env(cache_dir: Path) -> dict[str, str]:
+  """The environment of a launch.py that uses (and fills) the compilation cache."""
+  return {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+
+
+def uncached_env() -> dict[str, str]:
+  return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def terminate_at_line(
+  command: list[str], env: dict[str, str], marker: str, timeout: float
+) -> tuple[int, list[str]]:
+  """Runs `command`, sends SIGTERM once a stderr line contains `marker`.
+
+  Returns:
+    (exit code, stderr lines).
+  """
+  process = subprocess.Popen(
+    command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
+  watchdog = threading.Timer(timeout, process.kill)
+  watchdog.start()
+  lines, signalled = [], False
+  try:
+    for line in process.stderr:
+      lines.append(line.rstrip("\n"))
+      if marker in line and not signalled:
+        process.send_signal(signal.SIGTERM)
+        signalled = True
+  finally:
+    watchdog.cancel()
+  return process.wait(), lines
+
+
+def kill_after(command: list[str], delay: float, log_path: Path) -> int:
+  """Runs `command` (compiling everything) and SIGKILLs it after `delay` seconds.
+
+  Returns:
+    Its exit code.
+  """
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(
+      command, cwd=ROOT, env=uncached_env(), stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+      return process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      return process.wait()
+
+
+def test_terminated_then_killed_run_resumes_to_the_reference(
+  reference, compilation_cache_dir, tmp_path
+):
+  """SIGTERM at the first epoch, then SIGKILL at a random moment, then a full relaunch.
+
+  The killed launch compiles from scratch, like the reference, so that the kill lands
+  anywhere in a run as long as the reference's; the other two load compiled code.
+  """
+  workdir = tmp_path / "run"
+  command = launch_command(workdir, TINY_FLAGS)
+  env = cached_env(compilation_cache_dir)
+
+  code, lines = terminate_at_line(command, env, "epoch 1/", timeout=300)
+  assert code == 128 + signal.SIGTERM, "\n".join(lines[-20:])
+  assert lines[-1].startswith("error: stopped by SIGTERM during task 0 ")
+  assert lines[-1].endswith("relaunch the same command to resume from the start")
+  assert not any("Traceback" in line for line in lines)
+  assert read_results(workdir)["tasks_completed"] == 0
+
+  delay = random.Random(KILL_SEED).uniform(0.1, 0.9) * reference.seconds
+  code = kill_after(command, delay, tmp_path / "killed.log")
+  assert code == -signal.SIGKILL, f"finished before the kill at {delay:.1f}s"
+
+  completed = subprocess.run(
+    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  reference.assert_matches(workdir)
+
+
+# Damaged checkpoints (in-process relaunches of a finished tiny run).
+
+
+def test_truncated_and_incomplete_checkpoints_are_moved_aside_and_retrained(
+  reference, finished_copy, caplog
+):
+  workdir = finished_copy
+  truncated = largest_array_file(workdir / "checkpoints" / "2")
+  os.truncate(truncated, truncated.stat().st_size // 2)
+  (workdir / "checkpoints" / "1" / "metadata" / "metadata").unlink()
+  before = file_sizes(workdir)
+
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+
+  warnings = damage_warnings(caplog)
+  assert len(warnings) == 2, warnings
+  assert "checkpoint of task 2 " in warnings[0] and "checkpoint of task 1 " in warnings[1]
+  moved = moved_checkpoints(workdir)
+  assert sorted(moved) == [1, 2]
+  reference.assert_matches(workdir)
+  # Nothing is deleted: damaged checkpoints are moved unchanged, the other files stay.
+  after = file_sizes(workdir)
+  for path, size in before.items():
+    task = path.split("/")[1] if path.startswith("checkpoints/") else None
+    if task in ("1", "2"):
+      moved_path = moved[int(task)].relative_to(workdir) / path.removeprefix(f"checkpoints/{task}/")
+      assert after.get(str(moved_path)) == size, path
+    elif task is not None:
+      assert after.get(path) == size, path
+    else:
+      assert path in after, path
+
+
+def test_altered_checkpoint_is_detected_and_passed_over(reference, finished_copy, caplog):
+  workdir = finished_copy
+  altered = largest_array_file(workdir / "checkpoints" / "2")
+  size = altered.stat().st_size
+  with open(altered, "r+b") as f:
+    f.seek(size // 2)
+    flipped = bytes(b ^ 0xFF for b in f.read(64))
+    f.seek(size // 2)
+    f.write(flipped)
+  assert altered.stat().st_size == size
+  config = tiny_config()
+  benchmark = data.load_benchmark(config)
+  abstract = train.Trainer(config, benchmark).abstract_state(len(benchmark.tasks))
+
+  with caplog.at_level(logging.WARNING):
+    mngr = checkpointing.manager(workdir / "checkpoints")
+    task, state, matrix = checkpointing.restore_latest(mngr, abstract)
+
+  assert task == 1 and checkpointing.state_digest(state) == reference.digests[1]
+  expected_rows = np.array(reference.results["accuracy_matrix"][:2], dtype=np.float64)
+  np.testing.assert_array_equal(matrix[:2], expected_rows)
+  warnings = damage_warnings(caplog)
+  assert len(warnings) == 1 and "checkpoint of task 2 " in warnings[0], warnings
+  assert list(moved_checkpoints(workdir)) == [2]
+  assert sorted(mngr.all_steps()) == [0, 1]
+
+
+def test_unfinished_orbax_directories_are_ignored_and_kept(reference, finished_copy):
+  workdir = finished_copy
+  checkpoints = workdir / "checkpoints"
+  unfinished = [
+    checkpoints / f"3{ocp.path.step.TMP_DIR_SUFFIX}",
+    checkpoints / f"3{ocp.path.step.TMP_DIR_SUFFIX}-1234567890",
+  ]
+  for path in unfinished:
+    shutil.copytree(checkpoints / "2", path)
+  before = {path: file_sizes(path) for path in unfinished}
+
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+
+  assert results["tasks_completed"] == 3
+  reference.assert_matches(workdir)
+  assert {path: file_sizes(path) for path in unfinished} == before
+  assert not (workdir / "damaged_checkpoints").exists()
+
+
+# Config changes between launches.
+
+
+def test_another_config_is_refused_unless_allowed(reference, finished_copy, monkeypatch):
+  workdir = finished_copy
+  with monkeypatch.context() as patch:
+    patch.setattr(data, "load_benchmark", lambda config: pytest.fail("data loaded"))
+    with pytest.raises(errors.WorkdirError) as refused:
+      train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
+  message = str(refused.value)
+  assert "epochs: 2 -> 3" in message and "--allow_config_change" in message
+  assert "\n" not in message
+
+  moved_data = train.train_and_evaluate(tiny_config(data_dir="/elsewhere"), str(workdir))
+  assert final_numbers(moved_data) == final_numbers(reference.results)
+  assert not list(workdir.glob("config.before-*.json"))
+
+  forced = train.train_and_evaluate(tiny_config(epochs=3), str(workdir), allow_config_change=True)
+  assert final_numbers(forced) == final_numbers(reference.results)
+  (kept,) = workdir.glob("config.before-*.json")
+  assert json.loads(kept.read_text())["epochs"] == 2
+  assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+
+
+def test_every_replaced_config_is_kept(tmp_path, monkeypatch):
+  one_second = types.SimpleNamespace(strftime=lambda fmt: "20260101T000000")
+  monkeypatch.setattr(workdir_lib, "time", one_second)
+  for epochs in (1, 2, 3):
+    workdir_lib.check_config(epath.Path(tmp_path), tiny_config(epochs=epochs), True, True)
+  kept = [json.loads(p.read_text())["epochs"] for p in tmp_path.glob("config.before-*.json")]
+  assert sorted(kept) == [1, 2]
+
+
+def test_cli_reports_every_config_problem_before_any_work(tmp_path):
+  workdir = tmp_path / "run"
+  command = launch_command(workdir, ["--config.batch_size=0", "--config.momentum=2.0"])
+  start = time.perf_counter()
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  seconds = time.perf_counter() - start
+
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  assert "error: the config has 2 problem(s):" in lines
+  for flag in ("--config.batch_size=0:", "--config.momentum=2.0:"):
+    (line,) = [line for line in lines if flag in line]
+    assert line.strip().startswith(flag) and "must be" in line
+  assert "Traceback" not in result.stderr
+  assert seconds < 20, f"took {seconds:.0f}s: something was compiled or loaded"
+  assert not workdir.exists()
+
+
+# Bad data (a fake loader in place of the synthetic one).
+
+
+def _out_of_range_labels(train_split, test_split):
+  labels = test_split.labels.copy()
+  labels[3] = 15
+  return train_split, data.Split(test_split.images, labels)
+
+
+def _rectangular_images(train_split, test_split):
+  return data.Split(train_split.images[:, :, :30], train_split.labels), test_split
+
+
+def _grey_images(train_split, test_split):
+  return data.Split(train_split.images[..., :1], train_split.labels), test_split
+
+
+def _nan_pixels(train_split, test_split):
+  images = test_split.images.astype(np.float32)
+  images[0, 5, 5, 1] = np.nan
+  return train_split, data.Split(images, test_split.labels)
+
+
+def _few_training_images(train_split, test_split):
+  keep = np.concatenate([np.flatnonzero(train_split.labels == c)[:3] for c in range(15)])
+  return data.Split(train_split.images[keep], train_split.labels[keep]), test_split
+
+
+@pytest.mark.parametrize(
+  "damage, where, what",
+  [
+    (_out_of_range_labels, "synthetic test split", "labels must lie in 0..14, found 0..15"),
+    (_rectangular_images, "synthetic train split", "expected square RGB images"),
+    (_grey_images, "synthetic train split", "expected square RGB images"),
+    (_nan_pixels, "synthetic test split", "1 pixel values are not finite"),
+    (_few_training_images, "task 0 of 'synthetic'", "fewer than --config.batch_size=16"),
+  ],
+)
+def test_bad_data_is_reported_in_one_line(monkeypatch, damage, where, what):
+  def fake_loader(config):
+    splits = data.synthetic_splits(
+      num_classes=15, train_per_class=16, test_per_class=8, image_size=32, seed=0
+    )
+    return *damage(*splits), 15, data.CIFAR_MEAN, data.CIFAR_STD
+
+  monkeypatch.setitem(data.DATASETS, "synthetic", fake_loader)
+  with pytest.raises(errors.DataError) as failure:
+    data.load_benchmark(tiny_config())
+  message = str(failure.value)
+  assert message.startswith(where) and what in message and "\n" not in message, message
+
+
+# Numerical faults.
+
+
+def test_nonfinite_loss_stops_the_task_without_saving_it(reference, finished_copy, tmp_path):
+  workdir = finished_copy
+  for task in ("1", "2"):
+    shutil.move(workdir / "checkpoints" / task, tmp_path / f"checkpoint_{task}")
+  checkpoint_0 = file_sizes(workdir / "checkpoints" / "0")
+
+  with pytest.raises(errors.TrainingError) as failure:
+    train.train_and_evaluate(
+      tiny_config(learning_rate=1e30), str(workdir), allow_config_change=True
+    )
+
+  message = str(failure.value)
+  found = re.search(r"^task 1, feature_extractor epoch 1, step (\d+): the loss is not", message)
+  assert found, message
+  config = tiny_config()
+  steps_per_epoch = -(-len(data.load_benchmark(config).tasks[1].train) // config.batch_size)
+  assert 1 <= int(found.group(1)) <= steps_per_epoch
+  assert "resumes after task 0" in message
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]
+  assert file_sizes(workdir / "checkpoints" / "0") == checkpoint_0
+  assert checkpoint_digests(workdir) == {0: reference.digests[0]}
+  assert read_results(workdir)["tasks_completed"] == 1
+
+
+# Workdir problems.
+
+
+def test_unwritable_workdir_is_refused_before_loading_data(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "load_benchmark", lambda config: pytest.fail("data loaded"))
+  regular_file = tmp_path / "a_file"
+  regular_file.write_text("not a directory")
+  with pytest.raises(errors.WorkdirError, match="cannot write to workdir"):
+    train.train_and_evaluate(tiny_config(), str(regular_file / "run"))
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+  one_mib_free = types.SimpleNamespace(total=2**30, used=2**30 - 2**20, free=2**20)
+  monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda path: one_mib_free)
+  monkeypatch.setattr(train.Trainer, "train_task", lambda *args: pytest.fail("trained"))
+  with pytest.raises(errors.WorkdirError, match=r"has 1 MiB free; .* need about \d+ MiB"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()

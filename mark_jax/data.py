@@ -202,7 +202,7 @@ def _load_tfds(
         download=download,
         builder_kwargs={"file_format": "array_record"},
       )
-      records = source.__getitems__(range(len(source)))
+      records = [source[i] for i in range(len(source))]
     except DataError:
       raise
     except Exception as error:  # TFDS raises many types; all mean "not usable here".

@@ -1,9 +1,27 @@
-"""Shared fixtures: tiny configs and one finished smoke run reused by several tests."""
+"""Shared fixtures: a compilation cache, one finished smoke run reused by several tests."""
 
 import os
 import shutil
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache for the session: tests that build the same programs
+  again (a new Trainer of the same config, a relaunch) load them instead of compiling.
+
+  Never give it to a process that gets SIGKILLed: JAX does not write cache entries
+  atomically.
+  """
+  cache_dir = tmp_path_factory.mktemp("jax_cache")
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(str(cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield cache_dir
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,10 @@ import time
 import types
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import smoke
 from mark_jax import checkpointing, data, errors, train
@@ -107,24 +105,6 @@ class Reference:
     """Asserts that `workdir` ended with the same numbers and checkpointed states."""
     assert final_numbers(read_results(workdir)) == final_numbers(self.results)
     assert checkpoint_digests(workdir) == self.digests
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory) -> Path:
-  """A persistent compilation cache for this module: relaunches load what the reference compiled.
-
-  Never given to a process that gets SIGKILLed: JAX does not write cache entries atomically.
-  """
-  cache_dir = tmp_path_factory.mktemp("jax_cache")
-  previous_dir = jax.config.jax_compilation_cache_dir
-  previous_min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-  compilation_cache.reset_cache()
-  compilation_cache.set_cache_dir(str(cache_dir))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield cache_dir
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous_min_time)
-  compilation_cache.set_cache_dir(previous_dir)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ def _dataset(num_classes=20, per_class=10):
   return data.Split(images, labels)
 
 
-def _split(seed, validation_fraction=0.2):
+def _split(seed, validation_fraction=0.2, num_classes=20, train_per_class=10):
   return data.split_into_tasks(
-    _dataset(),
-    _dataset(per_class=4),
-    num_classes=20,
+    _dataset(num_classes, per_class=train_per_class),
+    _dataset(num_classes, per_class=4),
+    num_classes=num_classes,
     classes_per_task=5,
     validation_fraction=validation_fraction,
     seed=seed,
@@ -127,35 +127,26 @@ def _index(images):
   return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
 
 
-def _hundred_class_tasks(seed, validation_fraction=0.15):
-  return data.split_into_tasks(
-    _dataset(num_classes=100, per_class=10),
-    _dataset(num_classes=100, per_class=3),
-    num_classes=100,
-    classes_per_task=5,
-    validation_fraction=validation_fraction,
-    seed=seed,
-  )
-
-
 def test_hundred_classes_make_twenty_disjoint_tasks_of_five_in_the_seeded_order():
-  tasks = _hundred_class_tasks(seed=48)
+  tasks = _split(num_classes=100, validation_fraction=0.15, seed=48)
   classes = [c for task in tasks for c in task.classes]
   assert len(tasks) == 20 and all(len(task.classes) == 5 for task in tasks)
   assert sorted(classes) == list(range(100))
   assert classes == list(data.class_order(100, 48))
-  again = _hundred_class_tasks(seed=48)
+  again = _split(num_classes=100, validation_fraction=0.15, seed=48)
   assert [t.classes for t in again] == [t.classes for t in tasks]
   for task, same in zip(tasks, again, strict=True):
     np.testing.assert_array_equal(same.train.images, task.train.images)
     np.testing.assert_array_equal(same.validation.images, task.validation.images)
-  assert [t.classes for t in _hundred_class_tasks(seed=49)] != [t.classes for t in tasks]
+  assert [t.classes for t in _split(num_classes=100, validation_fraction=0.15, seed=49)] != [
+    t.classes for t in tasks
+  ]
 
 
 def test_train_and_validation_partition_each_task_training_examples():
   validation_fraction = 0.15
-  full_train, full_test = _dataset(num_classes=100, per_class=10), _dataset(100, 3)
-  for task in _hundred_class_tasks(seed=51, validation_fraction=validation_fraction):
+  full_train, full_test = _dataset(num_classes=100, per_class=10), _dataset(100, 4)
+  for task in _split(num_classes=100, seed=51, validation_fraction=validation_fraction):
     classes = np.asarray(task.classes)
     train_index, valid_index = _index(task.train.images), _index(task.validation.images)
     own_examples = np.flatnonzero(np.isin(full_train.labels, classes))

@@ -35,19 +35,12 @@ KILL_SEED = 5  # Its delay is 0.6 of the reference run: inside task 0, mostly co
 RESULT_KEYS = ("accuracy_matrix", "acc", "bwt")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def config_overrides(config, base) -> list[str]:
   """The `--config.key=value` flags that turn config `base` into `config`."""
-  wanted, given = _flatten(config.to_dict()), _flatten(base.to_dict())
+  wanted, given = (
+    workdir_lib.flatten_config(config.to_dict()),
+    workdir_lib.flatten_config(base.to_dict()),
+  )
   assert set(wanted) == set(given), "the two configs have different keys"
   return [f"--config.{key}={value}" for key, value in sorted(wanted.items()) if value != given[key]]
 

@@ -254,15 +254,18 @@ def _synthetic(config) -> tuple[Split, Split, int, tuple, tuple]:
   return train, test, spec.num_classes, CIFAR_MEAN, CIFAR_STD
 
 
-DIGITS_TEST_FRACTION = 0.3
+# Every class has 174 to 183 digits: 120 of each train, so that every task has as many
+# training images (the compiled epoch keeps its shape: nothing recompiles between tasks).
+DIGITS_TRAIN_PER_CLASS = 120
 
 
 def digits_splits() -> tuple[Split, Split]:
   """scikit-learn's 8x8 handwritten digits (1,797 real images shipped with the library).
 
   Each image is scaled from 0..16 to 0..255, enlarged 4x to 32x32 (pixel repetition) and
-  repeated over three channels, so that the CIFAR-100 network reads it; a fixed, seeded
-  30% of each class is the test split.
+  repeated over three channels, so that the CIFAR-100 network reads it. A seeded 120
+  digits of each class are the training split, the other 54 to 63 (about 32%) the test
+  split.
 
   Returns:
     (train, test) splits with uint8 images.
@@ -274,11 +277,11 @@ def digits_splits() -> tuple[Split, Split]:
   images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)[..., None].repeat(3, axis=-1)
   labels = digits.target.astype(np.int32)
   rng = np.random.RandomState(0)
-  is_test = np.zeros(len(labels), bool)
+  is_train = np.zeros(len(labels), bool)
   for label in np.unique(labels):
     members = rng.permutation(np.flatnonzero(labels == label))
-    is_test[members[: round(DIGITS_TEST_FRACTION * len(members))]] = True
-  return Split(images[~is_test], labels[~is_test]), Split(images[is_test], labels[is_test])
+    is_train[members[:DIGITS_TRAIN_PER_CLASS]] = True
+  return Split(images[is_train], labels[is_train]), Split(images[~is_train], labels[~is_train])
 
 
 def _digits(config) -> tuple[Split, Split, int, tuple, tuple]:

@@ -51,10 +51,25 @@ def state_digest(state) -> str:
   return digest.hexdigest()
 
 
-def save(mngr: ocp.CheckpointManager, task: int, state, accuracy_matrix: np.ndarray) -> None:
-  """Saves the state after `task` with the accuracy matrix (NaN = not yet measured)."""
+def save(
+  mngr: ocp.CheckpointManager,
+  task: int,
+  state,
+  accuracy_matrix: np.ndarray,
+  wall_seconds: float | None = None,
+) -> None:
+  """Saves the state after `task` with the accuracy matrix (NaN = not yet measured).
+
+  `wall_seconds`, the run's wall time up to this checkpoint (None: unknown), lets a resumed
+  run report its whole wall time.
+  """
   matrix = [[None if np.isnan(v) else float(v) for v in row] for row in accuracy_matrix]
-  metadata = {"task": task, "accuracy_matrix": matrix, "state_sha256": state_digest(state)}
+  metadata = {
+    "task": task,
+    "accuracy_matrix": matrix,
+    "state_sha256": state_digest(state),
+    "wall_seconds": wall_seconds,
+  }
   mngr.save(
     task,
     args=ocp.args.Composite(
@@ -73,7 +88,8 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
     abstract_state: shapes/dtypes/shardings of the state (jax.eval_shape of its initialiser).
 
   Returns:
-    (state, accuracy_matrix as a float array with NaN for unmeasured entries).
+    (state, accuracy_matrix as a float array with NaN for unmeasured entries, the run's
+    wall seconds at the checkpoint or None if not recorded).
 
   Raises:
     CheckpointError: there is no checkpoint for `task`, or it is damaged (unreadable,
@@ -94,6 +110,7 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
     metadata = restored.metadata
     matrix = np.array(metadata["accuracy_matrix"], dtype=np.float64)
     expected_digest = metadata["state_sha256"]
+    wall_seconds = metadata.get("wall_seconds")
   except Exception as error:  # Orbax, tensorstore and JSON all raise their own types.
     detail = " ".join(str(error).split())
     detail = detail if len(detail) <= 160 else detail[:160] + "..."
@@ -105,7 +122,7 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
       f"checkpoint of task {task} in {mngr.directory} is damaged: its arrays do not match "
       f"the digest written with them"
     )
-  return restored.state, matrix
+  return restored.state, matrix, wall_seconds
 
 
 def move_aside(mngr: ocp.CheckpointManager, task: int, is_writer: bool = True) -> epath.Path:
@@ -134,14 +151,15 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, is_writer: bool 
   that the task can be trained and saved again.
 
   Returns:
-    (task, state, accuracy_matrix), or None when no intact checkpoint exists.
+    (task, state, accuracy_matrix, wall_seconds) as `restore` gives them after the task,
+    or None when no intact checkpoint exists.
   """
   for task in sorted(mngr.all_steps(), reverse=True):
     try:
-      state, matrix = restore(mngr, task, abstract_state)
+      restored = restore(mngr, task, abstract_state)
     except CheckpointError as error:
       target = move_aside(mngr, task, is_writer)
       logging.warning("%s; moved it to %s and falling back to the previous task", error, target)
       continue
-    return task, state, matrix
+    return task, *restored
   return None

@@ -61,7 +61,7 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   benchmark = data_lib.load_benchmark(config)
   trainer = train.Trainer(config, benchmark)
   num_tasks = len(benchmark.tasks)
-  state, matrix = checkpointing.restore(mngr, task, trainer.abstract_state(num_tasks))
+  state, matrix, _ = checkpointing.restore(mngr, task, trainer.abstract_state(num_tasks))
   test = trainer.device_test_data(benchmark.tasks)
   accuracy = np.asarray(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
   return {

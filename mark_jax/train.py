@@ -301,7 +301,10 @@ class Trainer:
 
 
 def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int):
-  """The run's starting point: (state, accuracy matrix, first task to train).
+  """The run's starting point: (state, accuracy matrix, first task to train, wall seconds).
+
+  The wall seconds are those recorded with the restored checkpoint (0 for a fresh state,
+  None for a checkpoint that did not record them).
 
   Order: --config.restore_task (from --config.restore_dir, else the workdir), else the
   workdir's newest intact checkpoint (damaged ones are moved aside), else a fresh state.
@@ -312,15 +315,17 @@ def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int
   if restore_task is None:
     restored = checkpointing.restore_latest(mngr, abstract, jax.process_index() == 0)
     if restored is None:
-      return trainer.init_state(num_tasks), accuracy, 0
-    restore_task, state, saved = restored
+      return trainer.init_state(num_tasks), accuracy, 0, 0.0
+    restore_task, state, saved, wall_seconds = restored
     source = mngr.directory
   else:
     if config.get("restore_dir"):
       source = epath.Path(config.restore_dir) / "checkpoints"
       if not source.exists():
         raise CheckpointError(f"--config.restore_dir={config.restore_dir} has no checkpoints/")
-      state, saved = checkpointing.restore(checkpointing.manager(source), restore_task, abstract)
+      state, saved, wall_seconds = checkpointing.restore(
+        checkpointing.manager(source), restore_task, abstract
+      )
     else:
       later = [s for s in mngr.all_steps() if s > restore_task]
       if later:
@@ -330,11 +335,11 @@ def _restore(trainer: Trainer, mngr, config, workdir: epath.Path, num_tasks: int
           f"--config.restore_dir={workdir} --config.restore_task={restore_task}"
         )
       source = mngr.directory
-      state, saved = checkpointing.restore(mngr, restore_task, abstract)
+      state, saved, wall_seconds = checkpointing.restore(mngr, restore_task, abstract)
   accuracy[: saved.shape[0], : saved.shape[1]] = saved
   accuracy[restore_task + 1 :] = np.nan
   logging.info("Resuming after task %d from %s", restore_task, source)
-  return state, accuracy, restore_task + 1
+  return state, accuracy, restore_task + 1, wall_seconds
 
 
 def checkpoint_bytes(trainer: Trainer, num_tasks: int) -> int:
@@ -383,16 +388,26 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       workdir_lib.check_free_space(workdir, (num_tasks + 1) * checkpoint_bytes(trainer, num_tasks))
     test = trainer.device_test_data(benchmark.tasks)
     mngr = checkpointing.manager(workdir / "checkpoints")
-    state, accuracy, first_task = _restore(trainer, mngr, config, workdir, num_tasks)
-    results = _write_results(workdir, config, accuracy, first_task, start_time, is_writer)
+    state, accuracy, first_task, earlier_seconds = _restore(
+      trainer, mngr, config, workdir, num_tasks
+    )
+
+    def wall_seconds():
+      """The run's wall time: earlier sessions' (as checkpointed) plus this one's."""
+      if earlier_seconds is None:
+        return None
+      return earlier_seconds + time.perf_counter() - start_time
+
+    results = _write_results(workdir, config, accuracy, first_task, wall_seconds(), is_writer)
     for t in range(first_task, num_tasks):
       task_start = time.perf_counter()
       logging.info("=== task %d/%d: classes %s", t, num_tasks - 1, benchmark.tasks[t].classes)
       state = trainer.train_task(t, state, benchmark.tasks[t])
       seen = np.asarray(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
       accuracy[t, : t + 1] = seen[: t + 1]
-      checkpointing.save(mngr, t, state, accuracy)
-      results = _write_results(workdir, config, accuracy, t + 1, start_time, is_writer)
+      elapsed = wall_seconds()
+      checkpointing.save(mngr, t, state, accuracy, elapsed)
+      results = _write_results(workdir, config, accuracy, t + 1, elapsed, is_writer)
       logging.info(
         "task %d done in %.0fs | ACC %.4f | test accuracy of tasks 0..%d: %s",
         t,
@@ -409,9 +424,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   return results
 
 
-def _write_results(workdir, config, accuracy, tasks_completed, start_time, is_writer) -> dict:
+def _write_results(workdir, config, accuracy, tasks_completed, wall_seconds, is_writer) -> dict:
   results = metrics_lib.summarize(accuracy, tasks_completed)
-  results.update(config=config.to_dict(), wall_seconds=time.perf_counter() - start_time)
+  results.update(config=config.to_dict(), wall_seconds=wall_seconds)
   if is_writer:
     workdir_lib.write_atomically(workdir / "results.json", json.dumps(results, indent=2))
   return results

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU/TPU speed check (issue: the full 20-task CIFAR-100 protocol in under 5 minutes on an H100).
 # Usage: bash scripts/gpu_check.sh [WORKDIR]
-# 1. The benchmark at the paper configuration: step times, a meta round, TFLOP/s.
-# 2. The whole 20-task paper protocol on synthetic data of CIFAR-100's shape (100 classes,
+# 1. The whole 20-task paper protocol on synthetic data of CIFAR-100's shape (100 classes,
 #    500 train / 100 test images per class, 32x32): its wall time is in results.json.
+# 2. The benchmark at the paper configuration: step times, a meta round, TFLOP/s.
+# Each part logs into WORKDIR as it goes, so an interrupted check still leaves its figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workdir="${1:-/tmp/mark_gpu_check_$(date +%s)}"
@@ -12,10 +13,12 @@ if [ -e "$workdir" ]; then
   exit 2
 fi
 mkdir -p "$workdir"
-python -m mark_jax.bench --config configs/cifar100.py --notime_task --json "$workdir/bench.json"
-python launch.py --config configs/cifar100.py --config.dataset=synthetic --workdir "$workdir/run"
+python launch.py --config configs/cifar100.py --config.dataset=synthetic --workdir "$workdir/run" \
+  2>&1 | tee "$workdir/run.log"
 python - "$workdir" <<'PY'
 import json, sys
 results = json.load(open(f"{sys.argv[1]}/run/results.json"))
 print(f"20 tasks in {results['wall_seconds']:.0f} s (target: under 300 s on one H100)")
 PY
+python -m mark_jax.bench --config configs/cifar100.py --notime_task --json "$workdir/bench.json" \
+  2>&1 | tee "$workdir/bench.log"

@@ -267,7 +267,7 @@ def test_altered_checkpoint_is_detected_and_passed_over(reference, finished_copy
 
   with caplog.at_level(logging.WARNING):
     mngr = checkpointing.manager(workdir / "checkpoints")
-    task, state, matrix = checkpointing.restore_latest(mngr, abstract)
+    task, state, matrix, _ = checkpointing.restore_latest(mngr, abstract)
 
   assert task == 1 and checkpointing.state_digest(state) == reference.digests[1]
   expected_rows = np.array(reference.results["accuracy_matrix"][:2], dtype=np.float64)

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -110,6 +111,10 @@ def test_resume_after_interruption_equals_uninterrupted(smoke_run, copy_workdir)
   resumed = train.train_and_evaluate(smoke.get_config(), resumed_dir)
   assert resumed["accuracy_matrix"] == results["accuracy_matrix"]
   assert resumed["acc"] == results["acc"] and resumed["bwt"] == results["bwt"]
+  # The wall time counts the first session's tasks 0 and 1 too, as checkpointed.
+  mngr = checkpointing.manager(os.path.join(resumed_dir, "checkpoints"))
+  saved = mngr.restore(1, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+  assert 0 < saved["wall_seconds"] < resumed["wall_seconds"]
 
 
 def test_restore_task_branches_into_a_new_workdir(smoke_run, tmp_path):
@@ -134,11 +139,12 @@ def test_checkpoint_round_trip(tiny, tmp_path):
   matrix = np.full((3, 3), np.nan)
   matrix[0, 0], matrix[1, :2] = 0.5, [0.25, 0.75]
   mngr = checkpointing.manager(str(tmp_path / "ckpt"))
-  checkpointing.save(mngr, 1, state, matrix)
+  checkpointing.save(mngr, 1, state, matrix, wall_seconds=12.5)
   abstract = trainer.abstract_state(len(benchmark.tasks))
-  restored, restored_matrix = checkpointing.restore(mngr, 1, abstract)
+  restored, restored_matrix, wall_seconds = checkpointing.restore(mngr, 1, abstract)
   _assert_same(state, restored)
   np.testing.assert_array_equal(restored_matrix, matrix)
+  assert wall_seconds == 12.5
   with pytest.raises(errors.CheckpointError, match="no checkpoint for task 5"):
     checkpointing.restore(mngr, 5, abstract)
 

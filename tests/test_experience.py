@@ -7,11 +7,13 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import ablations, cifar100
-from mark_jax import evaluate, progress, validation
+from mark_jax import checkpointing, evaluate, progress, validation
+from scripts import kb_drift
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +60,16 @@ def test_evaluate_reproduces_the_recorded_accuracies(smoke_run):
   first = evaluate.evaluate(workdir, task=0)
   assert first["test_accuracy"] == pytest.approx([results["accuracy_matrix"][0][0]], abs=1e-6)
   assert "mean" in evaluate.format_evaluation(latest)
+
+
+def test_kb_drift_reports_how_far_metalearning_moved_the_kb(smoke_run, capsys):
+  workdir, _ = smoke_run
+  kb_drift.main([workdir])
+  reported = float(capsys.readouterr().out.split()[-1])
+  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"))
+  first, last = kb_drift.knowledge_base_vector(mngr, 0), kb_drift.knowledge_base_vector(mngr, 2)
+  assert reported == pytest.approx(np.linalg.norm(last - first) / np.linalg.norm(first), rel=0.01)
+  assert 0 < reported < 1
 
 
 def test_evaluate_cli_explains_a_wrong_workdir(tmp_path):

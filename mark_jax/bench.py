@@ -7,7 +7,8 @@ r"""Benchmark of MARK's compiled phases on synthetic data at a config's real sha
 Reports, with compilation timed apart: each phase's step time and examples/s, one
 metalearning round, seconds per task (measured on task 1, after task 0 compiled
 everything, unless --notime_task), peak memory, and achieved FLOP/s against the model's
-FLOPs (XLA's count of one step with native convolutions, the work the math needs).
+FLOPs (XLA's count of one step with native convolutions, compiled for the host CPU: the
+work the math needs, the same on every device).
 """
 
 import functools
@@ -69,7 +70,13 @@ def _compile(jitted, args):
 
 
 def _flops(fn, *args) -> float:
-  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+  """XLA's FLOP count of fn(*args), compiled for the host CPU.
+
+  GPU backends leave library calls (cuDNN convolutions) out of their count, so the count
+  is taken where every convolution is an XLA op: the same model FLOPs on every device.
+  """
+  cpu_args = jax.device_put(args, jax.devices("cpu")[0])
+  return float(jax.jit(fn).lower(*cpu_args).compile().cost_analysis()["flops"])
 
 
 def _batch(task: data_lib.TaskData, batch_size: int) -> dict:
@@ -121,8 +128,8 @@ def run(config, repeats: int, time_task: bool) -> dict:
     compiled, compile_s = _compile(trainer.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
     epoch_s = float(np.median(_time(compiled, args, repeats)))
-    step = functools.partial(phases_lib.train_step, native.phases[name], frozen)
-    flops = _flops(step, phases_lib.init_state(phase, params, model_state), batch, rng)
+    step = functools.partial(phases_lib.train_step, native.phases[name])
+    flops = _flops(step, frozen, phases_lib.init_state(phase, params, model_state), batch, rng)
     step_s = epoch_s / steps_per_epoch
     results["phases"][name] = {
       "compile_s": compile_s,

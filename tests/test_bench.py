@@ -1,0 +1,41 @@
+"""The benchmark script (`python -m mark_jax.bench`) on a tiny network: a smoke test."""
+
+import json
+
+from mark_jax import bench
+from tests.tiny import tiny_config
+
+
+def kb_forward_conv_flops(image_size: int, channels, kernel_sizes) -> int:
+  """Multiply-adds x 2 of the KB's convolutions for one image (VALID convs, 2x2 pools)."""
+  size, in_channels, flops = image_size, 3, 0
+  for out_channels, kernel in zip(channels, kernel_sizes, strict=True):
+    out = size - kernel + 1
+    flops += 2 * out * out * kernel * kernel * in_channels * out_channels
+    size, in_channels = out // 2, out_channels
+  return flops
+
+
+def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
+  config = tiny_config(
+    kb_channels=(8, 16, 32), feature_channels=(4, 4), latent_dim=16, batch_size=128
+  )
+  config.synthetic.image_size = 16  # kernels 16 // 8, 16 // 10, 2 (models.Networks)
+  results = bench.run(config, repeats=1, time_task=False)
+  json.dumps(results)  # JSON-ready, as main() writes it
+
+  assert set(results["phases"]) == set(bench.PHASES)
+  for name, phase in results["phases"].items():
+    assert phase["step_ms"] > 0 and phase["examples_per_s"] > 0, name
+    assert phase["achieved_gflop_per_s"] > 0, name
+  # A KB step does the forward convolutions and, for every kernel, a weight gradient of the
+  # same cost (and most input gradients): 2x to 5x the forward count with the dense layers.
+  # A count that leaves convolutions out (as GPU backends' does) falls far short.
+  forward = 128 * kb_forward_conv_flops(16, (8, 16, 32), (2, 1, 2))
+  kb_step = 1e9 * results["phases"]["kb_pretrain"]["model_gflop_per_step"]
+  assert 2 * forward <= kb_step <= 5 * forward, (kb_step, forward)
+  meta = results["meta_round"]
+  assert meta["mini_tasks"] == config.mini_tasks and meta["round_s"] > 0
+  assert results["estimated_seconds_per_task"] > 0
+  assert results["peak_memory_bytes"] > 0
+  assert "meta round" in bench.format_table(results)

@@ -120,6 +120,17 @@ def max_pool(x: jax.Array, impl: str) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
+  """The rows and columns of x that a VALID convolution followed by 2x2 pooling uses.
+
+  The pool drops an odd last row/column of the convolution's output; cropping the input
+  first skips computing it (conv1 of the CIFAR KB: 29x29 -> 28x28 outputs, conv3: 5x5 ->
+  4x4) and gives the same pooled values.
+  """
+  rows, cols = ((side - kernel_size + 1) // 2 * 2 + kernel_size - 1 for side in x.shape[1:3])
+  return x[:, :rows, :cols]
+
+
 class KnowledgeBase(nn.Module):
   """The shared KB: masked conv blocks, then a dense latent layer.
 
@@ -141,6 +152,7 @@ class KnowledgeBase(nn.Module):
   def __call__(self, x: jax.Array, masks: Masks, *, train: bool) -> jax.Array:
     """Args: x (batch, H, W, C) normalised images; masks one (batch, channels) per block."""
     for channels, size, mask in zip(self.channels, self.kernel_sizes, masks, strict=True):
+      x = crop_for_pool(x, size)
       x = max_pool(nn.relu(Conv(channels, size, self.conv_impl)(x)), self.conv_impl)
       x = x * mask[:, None, None, :]
     x = nn.relu(Dense(self.latent_dim)(x.reshape(x.shape[0], -1)))

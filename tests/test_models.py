@@ -130,6 +130,23 @@ def test_reshape_max_pool_equals_reduce_window():
   assert models.max_pool(x, "patches").shape == (2, 14, 14, 4)
 
 
+@pytest.mark.parametrize(
+  "shape,kernel", [((2, 32, 31, 3), 4), ((2, 6, 7, 4), 2), ((1, 14, 14, 2), 3)]
+)
+def test_crop_for_pool_keeps_the_pooled_values(shape, kernel):
+  """Cropping what the pool would drop leaves conv -> ReLU -> pool unchanged."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  conv = models.Conv(5, kernel, impl="native")
+  variables = conv.init(jax.random.PRNGKey(1), x)
+
+  def block(x):
+    return models.max_pool(jax.nn.relu(conv.apply(variables, x)), "native")
+
+  cropped = models.crop_for_pool(x, kernel)
+  assert all((side - kernel + 1) % 2 == 0 for side in cropped.shape[1:3])
+  np.testing.assert_allclose(block(cropped), block(x), rtol=1e-6, atol=1e-6)
+
+
 def test_knowledge_base_forms_agree():
   """The whole KB gives the same outputs with native and CPU-friendly ops."""
   images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))

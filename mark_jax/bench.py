@@ -164,18 +164,38 @@ def run(config, repeats: int, time_task: bool) -> dict:
     "achieved_gflop_per_s": round_flops / round_s / 1e9,
   }
 
-  epoch = {name: results["phases"][name]["epoch_s"] for name in PHASES}
-  kb_update = (
-    config.meta_rounds * round_s if config.use_metalearning else config.epochs * epoch["kb_sgd"]
-  )
-  results["estimated_seconds_per_task"] = (
-    config.epochs * (epoch["feature_extractor"] + 2 * epoch["masks"]) + kb_update
-  )
+  phases = results["phases"]
+  epoch_s = {name: phases[name]["epoch_s"] for name in PHASES}
+  results["estimated_seconds_per_task"] = per_task(config, epoch_s, round_s)
+  epoch_gflop = {name: phases[name]["model_gflop_per_step"] * steps_per_epoch for name in PHASES}
+  results["model_gflop_per_task"] = per_task(config, epoch_gflop, round_flops / 1e9)
+  pretrain_gflop = config.epochs * epoch_gflop["kb_pretrain"] if config.pretrain_kb else 0.0
+  results["model_gflop_kb_pretrain"] = pretrain_gflop  # task 0 only
   if time_task:
     results["seconds_per_task"] = _time_one_task(trainer, benchmark, config)
   results["peak_memory_bytes"], results["peak_memory_kind"] = peak_memory()
   results["config"] = config.to_dict()
   return results
+
+
+def per_task(config, per_epoch: dict, per_round: float) -> float:
+  """A quantity (seconds, GFLOP) of one task after the first, from its phases' values.
+
+  Args:
+    config: the run config (epochs, meta_rounds, use_metalearning).
+    per_epoch: the quantity for one epoch of each of PHASES.
+    per_round: the quantity for one metalearning round.
+
+  Returns:
+    F^t epochs, masks and consolidation epochs, then the KB update (metalearning rounds,
+    or epochs of plain SGD). Task 0 adds the KB pretraining epochs.
+  """
+  kb_update = (
+    config.meta_rounds * per_round
+    if config.use_metalearning
+    else config.epochs * per_epoch["kb_sgd"]
+  )
+  return config.epochs * (per_epoch["feature_extractor"] + 2 * per_epoch["masks"]) + kb_update
 
 
 def _time_one_task(trainer: train.Trainer, benchmark, config) -> float:

@@ -24,12 +24,8 @@ python - "$workdir" <<'PY'
 import json, sys
 bench = json.load(open(f"{sys.argv[1]}/bench.json"))
 results = json.load(open(f"{sys.argv[1]}/run/results.json"))
-config, phases = results["config"], bench["phases"]
-def epoch_flops(name):
-  return phases[name]["model_gflop_per_step"] * phases[name]["steps_per_epoch"] * 1e9
-per_task = config["epochs"] * (epoch_flops("feature_extractor") + 2 * epoch_flops("masks"))
-per_task += config["meta_rounds"] * bench["meta_round"]["model_gflop_per_round"] * 1e9
-total = results["tasks_completed"] * per_task + config["epochs"] * epoch_flops("kb_pretrain")
+tasks = results["tasks_completed"]
+total = 1e9 * (tasks * bench["model_gflop_per_task"] + bench["model_gflop_kb_pretrain"])
 wall = results["wall_seconds"]
 print(f"{results['tasks_completed']} tasks in {wall:.0f} s (target: under 300 s on one H100); "
       f"{total / 1e15:.2f} PFLOP of training steps, {total / wall / 1e12:.1f} TFLOP/s overall")

@@ -37,5 +37,6 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   meta = results["meta_round"]
   assert meta["mini_tasks"] == config.mini_tasks and meta["round_s"] > 0
   assert results["estimated_seconds_per_task"] > 0
+  assert results["model_gflop_per_task"] > 0 and results["model_gflop_kb_pretrain"] > 0
   assert results["peak_memory_bytes"] > 0
   assert "meta round" in bench.format_table(results)

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mark_jax import errors, progress, train
+from mark_jax import errors, progress, train, xla
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py); override its keys as --config.key=value."
@@ -61,6 +61,7 @@ def main(argv):
   progress.quiet_logs()
   import jax  # After flag parsing, so --help stays fast.
 
+  xla.set_cpu_devices(_CONFIG.value.cpu_devices)
   if _CONFIG.value.distributed:
     jax.distributed.initialize()
   logging.info(

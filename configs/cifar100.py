@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Devices: the K mini-tasks and each batch are spread over all local devices (a mesh).
   config.distributed = False  # True on a multi-host TPU slice: jax.distributed.initialize()
+  config.cpu_devices = 2  # XLA devices made of the host CPU when JAX runs on CPU (0: one)
 
   # Checkpoints.
   config.restore_task = config_dict.placeholder(int)  # restart after this task

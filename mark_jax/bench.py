@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mark_jax import data as data_lib
-from mark_jax import metalearning, progress, train
+from mark_jax import metalearning, progress, train, xla
 from mark_jax import phases as phases_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -245,6 +245,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   progress.quiet_logs(keep_own_info=False)
+  xla.set_cpu_devices(_CONFIG.value.cpu_devices)
   results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value)
   print(format_table(results))
   with open(_JSON.value, "w") as f:

@@ -255,6 +255,7 @@ FIELD_RULES = (
   FieldRule("use_feature_extractor", boolean),
   FieldRule("shared_feature_extractor", boolean),
   FieldRule("distributed", boolean),
+  FieldRule("cpu_devices", non_negative_int, default=0),
   FieldRule("restore_task", optional_non_negative_int, default=None),
   FieldRule("restore_dir", string, default=""),
 )

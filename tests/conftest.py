@@ -24,6 +24,16 @@ def compilation_cache_dir(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
+@pytest.fixture
+def cached_env(compilation_cache_dir) -> dict[str, str]:
+  """The environment of a subprocess that uses (and fills) the session's compilation cache."""
+  return {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_dir),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
   """(workdir, results) of one uninterrupted run of configs/smoke.py."""

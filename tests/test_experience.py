@@ -128,7 +128,7 @@ def test_help_explains_the_flags(command):
     assert flag in result.stdout
 
 
-def test_seeds_run_from_one_command_and_are_reported_together(tmp_path):
+def test_seeds_run_from_one_command_and_are_reported_together(tmp_path, cached_env):
   overrides = [
     "--config.max_tasks=1",
     "--config.epochs=1",
@@ -140,8 +140,14 @@ def test_seeds_run_from_one_command_and_are_reported_together(tmp_path):
     "--config.inner_steps=2",
   ]
   command = [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={tmp_path}"]
+  # The second seed loads the first one's compiled programs from the cache.
   result = subprocess.run(
-    [*command, "--seeds=3,4", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600
+    [*command, "--seeds=3,4", *overrides],
+    cwd=ROOT,
+    env=cached_env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert result.returncode == 0, result.stderr[-2000:]
   for seed in (3, 4):

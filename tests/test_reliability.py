@@ -132,15 +132,6 @@ def moved_checkpoints(workdir: Path) -> dict[int, Path]:
 # Kills and signals (subprocesses of launch.py).
 
 
-def cached_env(cache_dir: Path) -> dict[str, str]:
-  """The environment of a launch.py that uses (and fills) the compilation cache."""
-  return {
-    **os.environ,
-    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  }
-
-
 def uncached_env() -> dict[str, str]:
   return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
@@ -187,9 +178,7 @@ def kill_after(command: list[str], delay: float, log_path: Path) -> int:
       return process.wait()
 
 
-def test_terminated_then_killed_run_resumes_to_the_reference(
-  reference, compilation_cache_dir, tmp_path
-):
+def test_terminated_then_killed_run_resumes_to_the_reference(reference, cached_env, tmp_path):
   """SIGTERM at the first epoch, then SIGKILL at a random moment, then a full relaunch.
 
   The killed launch compiles from scratch, like the reference, so that the kill lands
@@ -197,7 +186,7 @@ def test_terminated_then_killed_run_resumes_to_the_reference(
   """
   workdir = tmp_path / "run"
   command = launch_command(workdir, TINY_FLAGS)
-  env = cached_env(compilation_cache_dir)
+  env = cached_env
 
   code, lines = terminate_at_line(command, env, "epoch 1/", timeout=300)
   assert code == 128 + signal.SIGTERM, "\n".join(lines[-20:])

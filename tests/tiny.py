@@ -13,6 +13,7 @@ def tiny_config(**overrides):
   config.epochs = 2
   config.mini_tasks = 3
   config.inner_steps = 3
+  config.cpu_devices = 0  # one device, like the test process: launches match in-process runs
   for key, value in overrides.items():
     config[key] = value
   return config

@@ -23,15 +23,20 @@ def _networks(config_module, image_size, conv_impl="patches", **overrides):
 )
 def test_output_shapes(config_module, size, latent, flatten):
   nets = _networks(config_module, size)
-  images = jnp.ones((3, size, size, 3))
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  task = nets.init_task(jax.random.PRNGKey(1))
+
+  def forward():  # traced for its shapes only, not run
+    images = jnp.ones((3, size, size, 3))
+    kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+    task = nets.init_task(jax.random.PRNGKey(1))
+    masks = nets.masks(task, images, use_masks=True)
+    logits = nets.logits({**task, "knowledge_base": kb}, images, masks, train=False, rng=None)
+    features = nets.feature_extractor.apply(task["feature_extractor"], images, train=False)
+    return kb, masks, logits, features
+
+  kb, masks, logits, features = jax.eval_shape(forward)
   assert kb["params"]["Dense_0"]["kernel"].shape == (flatten, latent)
-  masks = nets.masks(task, images, use_masks=True)
   assert [m.shape for m in masks] == [(3, 64), (3, 128), (3, 256)]
-  logits = nets.logits({**task, "knowledge_base": kb}, images, masks, train=False, rng=None)
   assert logits.shape == (3, 5)
-  features = nets.feature_extractor.apply(task["feature_extractor"], images, train=False)
   assert features.shape == (3, latent)
 
 

@@ -1,7 +1,7 @@
 """How MARK's functions are compiled and how many devices XLA makes of a CPU.
 
 On the 2-core CPU of our measurements (README, "Speed"), two things made the training
-steps faster without changing what they compute:
+steps faster without changing the math (results move by float rounding only):
 
 - XLA's own (Eigen) matmul kernels instead of the YNNPACK library calls that XLA:CPU uses
   for dots by default: a metalearning round about 14% faster, the masks phase 15%.

@@ -18,7 +18,6 @@ import optax
 from jax import lax
 
 from mark_jax import data as data_lib
-from mark_jax import xla
 from mark_jax.models import Networks
 
 # loss_fn(params, model_state, frozen, batch, rng) -> (loss, (correct, model_state))
@@ -164,7 +163,7 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
       "params_finite": all_finite(state["params"]),
     }
 
-  return xla.jit(run_epoch, donate_argnums=0)
+  return jax.jit(run_epoch, donate_argnums=0)
 
 
 def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:

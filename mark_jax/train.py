@@ -29,7 +29,6 @@ from mark_jax import (
   progress,
   stopping,
   validation,
-  xla,
 )
 from mark_jax import data as data_lib
 from mark_jax import metrics as metrics_lib
@@ -108,9 +107,9 @@ class Trainer:
       self.std,
       shard_mini_tasks=functools.partial(parallel.shard_mini_tasks, mesh=self.mesh),
     )
-    self.meta_round = xla.jit(meta_round, donate_argnums=0)
+    self.meta_round = jax.jit(meta_round, donate_argnums=0)
     accuracy = phases_lib.make_accuracy_fn(self.nets, self.mean, self.std, config.eval_batch_size)
-    self.accuracy = xla.jit(accuracy, static_argnums=4)
+    self.accuracy = jax.jit(accuracy, static_argnums=4)
 
     def evaluate_all(knowledge_base, tasks, test):
       def one(task, images, labels, weights):
@@ -119,7 +118,7 @@ class Trainer:
 
       return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
 
-    self.evaluate_all = xla.jit(evaluate_all)
+    self.evaluate_all = jax.jit(evaluate_all)
 
   def init_state(self, num_tasks: int) -> dict:
     """A fresh run state, replicated over the mesh."""

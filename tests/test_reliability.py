@@ -186,9 +186,8 @@ def test_terminated_then_killed_run_resumes_to_the_reference(reference, cached_e
   """
   workdir = tmp_path / "run"
   command = launch_command(workdir, TINY_FLAGS)
-  env = cached_env
 
-  code, lines = terminate_at_line(command, env, "epoch 1/", timeout=300)
+  code, lines = terminate_at_line(command, cached_env, "epoch 1/", timeout=300)
   assert code == 128 + signal.SIGTERM, "\n".join(lines[-20:])
   assert lines[-1].startswith("error: stopped by SIGTERM during task 0 ")
   assert lines[-1].endswith("relaunch the same command to resume from the start")
@@ -200,7 +199,7 @@ def test_terminated_then_killed_run_resumes_to_the_reference(reference, cached_e
   assert code == -signal.SIGKILL, f"finished before the kill at {delay:.1f}s"
 
   completed = subprocess.run(
-    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    command, cwd=ROOT, env=cached_env, capture_output=True, text=True, timeout=600
   )
   assert completed.returncode == 0, completed.stderr[-3000:]
   reference.assert_matches(workdir)

@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.mask_activation = "relu"  # relu | sigmoid
   config.mask_bias_init = config_dict.placeholder(float)  # None: PyTorch's default init
   config.conv_impl = "auto"  # auto | native | patches (auto: patches on CPU)
+  # F^t's batch-norm statistics after its own phase (steps 3-5 and test):
+  #   running: the running averages its phase left, F^t in inference mode afterwards
+  #   recomputed: averaged over the task's training batches once F^t is trained (PreciseBN)
+  #   batch: the authors' code: batch statistics while M^t, C^t and the KB train, running
+  #     averages updated there and used at test
+  config.feature_bn_statistics = "running"
 
   # Phases 1, 2, 3, 5 (and 4 without metalearning): SGD with momentum.
   config.batch_size = 128
@@ -50,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.weight_decay = 0.01
   config.feature_grad_clip = 0.5
+  config.task_grad_clip = 0.0  # global gradient norm clip of steps 2, 3, 5 and 4 as SGD (0: off)
   config.pretrain_kb = True  # authors' pre_train_shared (task 0 only)
 
   # Phase 4: KB update by metalearning.
@@ -59,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.inner_steps = 40  # authors' inner_loop
   config.inner_learning_rate = 0.01  # authors' lr_meta
   config.inner_weight_decay = 0.1
+  config.inner_grad_clip = 0.0  # global gradient norm clip of each inner step (0: off)
   config.meta_step_size = 0.001  # Reptile epsilon = lr_meta * 0.1
   config.meta_weight_decay = 0.1
   config.meta_sign = "paper"  # paper: towards the adapted copies | authors: away

@@ -17,7 +17,7 @@ from jax import lax
 
 from mark_jax import data as data_lib
 from mark_jax.models import Networks
-from mark_jax.phases import all_finite, first_nonfinite, sgd
+from mark_jax.phases import all_finite, first_nonfinite, global_norm_clip, sgd
 
 
 def accuracy_weights(accuracies: jax.Array) -> jax.Array:
@@ -32,7 +32,7 @@ def reptile_update(
   adapted,
   accuracies: jax.Array,
   optimizer: optax.GradientTransformation,
-  sign: float = 1.0,
+  scale: float = 1.0,
 ):
   """The weighted Reptile step on the KB.
 
@@ -41,15 +41,16 @@ def reptile_update(
     adapted: the K adapted copies theta_k, stacked on a leading axis.
     accuracies: (K,) accuracy of each adapted copy.
     optimizer: stateless optax optimiser for the outer step (a fresh state each round).
-    sign: +1 for the paper's Reptile (towards the adapted copies); -1 for the authors'
-      code, which hands sum_k w_k (theta_k - theta) to SGD as the gradient.
+    scale: multiplies the pseudo-gradient theta - sum_k w_k theta_k: +1 for the paper's
+      Reptile (towards the adapted copies); -1/K for the authors' released code, which
+      hands sum_k w_k (theta_k - theta) / K to SGD as the gradient (away from them).
 
   Returns:
     The updated KB.
   """
   weights = accuracy_weights(accuracies)
   target = jax.tree.map(lambda a: jnp.tensordot(weights, a, axes=1), adapted)
-  pseudo_grad = jax.tree.map(lambda t, m: sign * (t - m), knowledge_base, target)
+  pseudo_grad = jax.tree.map(lambda t, m: scale * (t - m), knowledge_base, target)
   updates, _ = optimizer.update(pseudo_grad, optimizer.init(knowledge_base), knowledge_base)
   return optax.apply_updates(knowledge_base, updates)
 
@@ -62,7 +63,10 @@ def make_inner_step(nets: Networks, config):
     (params, opt_state, loss); params = {'knowledge_base', 'head'}, images normalised.
   """
   optimizer = sgd(
-    config.inner_learning_rate, momentum=config.momentum, weight_decay=config.inner_weight_decay
+    config.inner_learning_rate,
+    momentum=config.momentum,
+    weight_decay=config.inner_weight_decay,
+    clip=global_norm_clip(config.inner_grad_clip),
   )
 
   def loss_fn(params, images, labels, masks, rng):
@@ -104,8 +108,15 @@ def make_meta_round(
   num_mini_tasks, batch_size = config.mini_tasks, config.batch_size
   inner_optimizer, inner_step = make_inner_step(nets, config)
   meta_optimizer = sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay)
-  sign = {"paper": 1.0, "authors": -1.0}[config.meta_sign]
+  scale = {"paper": 1.0, "authors": -1.0 / num_mini_tasks}[config.meta_sign]
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
+
+  def training_masks(model, images):
+    """The task's masks for one mini-task batch, F^t normalising as config says."""
+    if config.use_masks and config.feature_bn_statistics == "batch":
+      batch_stats = model["feature_extractor"]["batch_stats"]
+      return nets.masks_from_batch_statistics(model, batch_stats, images)[0]
+    return nets.masks(model, images, config.use_masks)
 
   def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
     """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, losses)."""
@@ -129,7 +140,7 @@ def make_meta_round(
     order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
     x, y = shard_mini_tasks((data_lib.normalize(images[order], mean, std), labels[order]))
     model = {**task, "knowledge_base": knowledge_base}
-    masks = jax.vmap(lambda batch: nets.masks(model, batch, config.use_masks))(x)
+    masks = jax.vmap(functools.partial(training_masks, model))(x)
     train = (x, y, masks)
     evaluation = jax.tree.map(lambda a: a[num_mini_tasks:], train) if separate_eval_batch else train
     train = jax.tree.map(lambda a: a[:num_mini_tasks], train)
@@ -137,7 +148,7 @@ def make_meta_round(
     adapted, accuracies, losses = mini_task_map(functools.partial(adapt, knowledge_base))(
       heads, *train, *evaluation, jax.random.split(inner_key, num_mini_tasks)
     )
-    new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, sign)
+    new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, scale)
     return new_kb, {
       "inner_loss": jnp.mean(losses[:, -1]),
       "mini_task_accuracy": jnp.mean(accuracies),

@@ -160,20 +160,27 @@ class KnowledgeBase(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-  """F^t: two conv + batch-norm blocks and a dense layer."""
+  """F^t: two conv + batch-norm blocks and a dense layer.
+
+  Attributes:
+    bn_momentum: weight of the old running statistics in each update (Flax's convention;
+      PyTorch's BatchNorm2d momentum 0.1 is 0.9 here). 0 makes the running statistics
+      those of the last batch seen.
+  """
 
   channels: Sequence[int]
   kernel_sizes: Sequence[int]
   feature_dim: int
   conv_impl: str = "native"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
     """Args: x images; train uses batch statistics; mask (batch,) marks real examples."""
     for channels, size in zip(self.channels, self.kernel_sizes, strict=True):
       x = Conv(channels, size, self.conv_impl)(x)
-      # PyTorch's BatchNorm2d: momentum 0.1 (Flax counts it the other way), eps 1e-5.
-      norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+      # PyTorch's BatchNorm2d eps.
+      norm = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5)
       bn_mask = None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
       x = max_pool(nn.relu(norm(x, mask=bn_mask)), self.conv_impl)
     return nn.relu(Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
@@ -271,6 +278,30 @@ class Networks:
       return ones_masks(images.shape[0], self.kb_channels)
     features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)
     return self.mask_generator.apply(model["mask_generator"], features)
+
+  def masks_from_batch_statistics(
+    self, model: dict, batch_stats: dict, images: jax.Array, weights: jax.Array | None = None
+  ) -> tuple[Masks, dict]:
+    """Masks from F^t normalising with the batch's statistics (F^t in training mode).
+
+    Args:
+      model: holds F^t's params (model['feature_extractor']['params']) and M^t.
+      batch_stats: F^t's running statistics before this batch.
+      images: normalised images.
+      weights: (batch,) marks real examples (padding has weight 0); None: all real.
+
+    Returns:
+      (masks, F^t's running statistics updated with this batch's).
+    """
+    variables = {"params": model["feature_extractor"]["params"], "batch_stats": batch_stats}
+    features, updates = self.feature_extractor.apply(
+      variables,
+      images,
+      train=True,
+      mask=None if weights is None else weights > 0,
+      mutable=["batch_stats"],
+    )
+    return self.mask_generator.apply(model["mask_generator"], features), updates["batch_stats"]
 
   def logits(
     self, model: dict, images: jax.Array, masks: Masks, *, train: bool, rng: jax.Array | None

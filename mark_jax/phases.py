@@ -34,6 +34,12 @@ def clip_per_group(max_norm: float, groups: tuple[str, ...]) -> optax.GradientTr
   return optax.multi_transform({g: clip for g in groups}, lambda params: {k: k for k in params})
 
 
+def global_norm_clip(max_norm: float) -> optax.GradientTransformation | None:
+  """Clipping of the whole gradient to `max_norm` (PyTorch's `clip_grad_norm_` over all the
+  trained parameters); None when max_norm is 0 (off)."""
+  return optax.clip_by_global_norm(max_norm) if max_norm > 0 else None
+
+
 def sgd(
   learning_rate: float,
   *,
@@ -76,6 +82,9 @@ class Phase:
     loss_fn: see LossFn above.
     optimizer: the optax optimiser of the trained params.
     use_masks: whether the phase's model applies M^t's masks (for evaluation).
+    updates_feature_statistics: whether the phase's state carries F^t's batch-norm
+      statistics as `model_state` and updates them (F^t in training mode, the authors'
+      behaviour; config.feature_bn_statistics='batch').
   """
 
   name: str
@@ -83,6 +92,7 @@ class Phase:
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   use_masks: bool = True
+  updates_feature_statistics: bool = False
 
 
 def train_step(phase: Phase, frozen: dict, state: dict, batch: dict, rng: jax.Array):
@@ -184,10 +194,17 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
     return loss, (correct, updates["batch_stats"])
 
+  batch_statistics = config.feature_bn_statistics == "batch"
+
   def masked_model_loss(use_masks, params, model_state, frozen, batch, rng):
     model = {**frozen, **params}
     images = normalize(batch["image"])
-    masks = nets.masks(model, images, use_masks)
+    if use_masks and batch_statistics:
+      masks, model_state = nets.masks_from_batch_statistics(
+        model, model_state, images, batch["weight"]
+      )
+    else:
+      masks = nets.masks(model, images, use_masks)
     logits = nets.logits(model, images, masks, train=True, rng=rng)
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
     return loss, (correct, model_state)
@@ -195,7 +212,9 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
   task_sgd = functools.partial(
     sgd, config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
   )
+  task_clip = global_norm_clip(config.task_grad_clip)
   with_masks = functools.partial(masked_model_loss, config.use_masks)
+  stats_updated = config.use_masks and batch_statistics
   return {
     "feature_extractor": Phase(
       "feature_extractor",
@@ -208,21 +227,68 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
       "kb_pretrain",
       ("knowledge_base", "head"),
       functools.partial(masked_model_loss, False),
-      task_sgd(),
+      task_sgd(clip=task_clip),
       use_masks=False,
     ),
     # Steps 3 and 5 (masks, consolidation) are the same phase, run twice.
     "masks": Phase(
-      "masks", ("mask_generator", "head"), with_masks, task_sgd(), use_masks=config.use_masks
+      "masks",
+      ("mask_generator", "head"),
+      with_masks,
+      task_sgd(clip=task_clip),
+      use_masks=config.use_masks,
+      updates_feature_statistics=stats_updated,
     ),
     "kb_sgd": Phase(
       "kb_sgd",
       ("knowledge_base", "head"),
       with_masks,
-      sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay),
+      sgd(
+        config.meta_step_size,
+        momentum=0.0,
+        weight_decay=config.meta_weight_decay,
+        clip=task_clip,
+      ),
       use_masks=config.use_masks,
+      updates_feature_statistics=stats_updated,
     ),
   }
+
+
+def make_feature_statistics_fn(
+  nets: Networks, batch_size: int, mean, std, shard_batch: Callable = lambda batch: batch
+):
+  """Compiles F^t's batch-norm statistics recomputed over a task's training images.
+
+  `(variables, images, rng) -> batch_stats`: F^t in training mode over one seeded epoch of
+  batches of `batch_size` (the batches it trained on); each batch's mean and variance are
+  averaged, weighted by its number of real images (PreciseBN, Wu & Johnson 2021). The
+  running averages left by F^t's own phase lag behind its weights, which weight decay
+  keeps shrinking; these statistics describe the final F^t.
+  """
+  one_batch = nets.feature_extractor.clone(bn_momentum=0.0)
+
+  def statistics(variables, images, rng):
+    indices, weights = batch_indices(rng, images.shape[0], batch_size)
+
+    def body(total, xs):
+      idx, weight = xs
+      batch = shard_batch({"image": images[idx], "weight": weight})
+      _, updates = one_batch.apply(
+        variables,
+        data_lib.normalize(batch["image"], mean, std),
+        train=True,
+        mask=batch["weight"] > 0,
+        mutable=["batch_stats"],
+      )
+      count = jnp.sum(batch["weight"])
+      return jax.tree.map(lambda t, s: t + count * s, total, updates["batch_stats"]), None
+
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    total, _ = lax.scan(body, zeros, (indices, weights))
+    return jax.tree.map(lambda t: t / images.shape[0], total)
+
+  return jax.jit(statistics)
 
 
 def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):

@@ -100,6 +100,9 @@ class Trainer:
       name: phases_lib.make_epoch_fn(phase, config.batch_size, shard_batch)
       for name, phase in self.phases.items()
     }
+    self.feature_statistics = phases_lib.make_feature_statistics_fn(
+      self.nets, config.batch_size, self.mean, self.std, shard_batch
+    )
     meta_round = metalearning.make_meta_round(
       self.nets,
       config,
@@ -173,7 +176,7 @@ class Trainer:
       rng: the phase's key.
       task: the task index, for progress, metrics and errors.
       step: the step of MARK this phase runs as (e.g. 'masks' or 'consolidation').
-      model_state: F^t's batch statistics, for the feature phase.
+      model_state: F^t's batch statistics, for the phases that update them.
     """
     phase, epochs = self.phases[name], self.config.epochs
     state = phases_lib.init_state(phase, params, model_state)
@@ -201,15 +204,20 @@ class Trainer:
 
     Returns:
       (params, frozen, model_state): what the phase trains, what it only reads, and F^t's
-      batch statistics for the feature phase (which also gets a fresh probe from `rng`).
+      batch statistics for the phases that update them (the feature phase, which also
+      gets a fresh probe from `rng`, and Phase.updates_feature_statistics).
     """
+    fe = model["feature_extractor"]
     if name == "feature_extractor":
-      fe = model["feature_extractor"]
       params = {"feature_extractor": fe["params"], "probe": self.nets.init_head(rng)}
       return params, {}, fe["batch_stats"]
-    trainable = self.phases[name].trainable
-    frozen = {k: v for k, v in model.items() if k not in trainable}
-    return {k: model[k] for k in trainable}, frozen, None
+    phase = self.phases[name]
+    frozen = {k: v for k, v in model.items() if k not in phase.trainable}
+    params = {k: model[k] for k in phase.trainable}
+    if phase.updates_feature_statistics:
+      frozen["feature_extractor"] = {"params": fe["params"]}
+      return params, frozen, fe["batch_stats"]
+    return params, frozen, None
 
   def train_feature_extractor(self, model, data, rng, task) -> dict:
     """Phase 1: trains F^t with a throw-away linear probe; returns F^t's new variables."""
@@ -225,14 +233,24 @@ class Trainer:
       step="feature_extractor",
       model_state=batch_stats,
     )
+    if self.config.feature_bn_statistics == "recomputed":
+      variables = {"params": params["feature_extractor"], "batch_stats": batch_stats}
+      epochs = self.config.epochs
+      batch_stats = self.feature_statistics(
+        variables, data["train_image"], jax.random.fold_in(phase_key, epochs)
+      )
     return {"params": params["feature_extractor"], "batch_stats": batch_stats}
 
   def train_phase(self, name, model, data, rng, task, step=None) -> dict:
     """Trains the phase's entries of `model` (KB + one task's F/M/C); returns the new model."""
     step = step or name
-    params, frozen, _ = self.phase_inputs(name, model)
-    params, _ = self.run_phase(name, params, frozen, data, rng, task=task, step=step)
+    params, frozen, batch_stats = self.phase_inputs(name, model)
+    params, batch_stats = self.run_phase(
+      name, params, frozen, data, rng, task=task, step=step, model_state=batch_stats
+    )
     model = {**model, **params}
+    if self.phases[name].updates_feature_statistics:
+      model["feature_extractor"] = {**model["feature_extractor"], "batch_stats": batch_stats}
     accuracy = self.validation_accuracy(model, data, self.phases[name].use_masks)
     logging.info("task %d %s: validation accuracy %.4f", task, step, accuracy)
     self.writer.write(

@@ -197,7 +197,8 @@ class FieldRule:
   Attributes:
     key: dotted config key.
     check: the value check.
-    default: the value of a missing key, or REQUIRED.
+    default: the value of a missing key (what the code did before the key existed), or
+      REQUIRED.
     applies: whether the rule applies, given the values checked before it.
   """
 
@@ -230,6 +231,7 @@ FIELD_RULES = (
   FieldRule("mask_activation", one_of(("relu", "sigmoid"))),
   FieldRule("mask_bias_init", optional_float),
   FieldRule("conv_impl", one_of(("auto", "native", "patches"))),
+  FieldRule("feature_bn_statistics", one_of(("running", "recomputed", "batch")), default="running"),
   # SGD phases.
   FieldRule("batch_size", positive_int),
   FieldRule("eval_batch_size", positive_int),
@@ -238,6 +240,7 @@ FIELD_RULES = (
   FieldRule("momentum", unit_interval),
   FieldRule("weight_decay", non_negative_float),
   FieldRule("feature_grad_clip", non_negative_float),
+  FieldRule("task_grad_clip", non_negative_float, default=0.0),
   FieldRule("pretrain_kb", boolean),
   # Metalearning.
   FieldRule("use_metalearning", boolean),
@@ -246,6 +249,7 @@ FIELD_RULES = (
   FieldRule("inner_steps", positive_int),
   FieldRule("inner_learning_rate", positive_float),
   FieldRule("inner_weight_decay", non_negative_float),
+  FieldRule("inner_grad_clip", non_negative_float, default=0.0),
   FieldRule("meta_step_size", positive_float),
   FieldRule("meta_weight_decay", non_negative_float),
   FieldRule("meta_sign", one_of(("paper", "authors"))),
@@ -259,6 +263,13 @@ FIELD_RULES = (
   FieldRule("restore_task", optional_non_negative_int, default=None),
   FieldRule("restore_dir", string, default=""),
 )
+
+
+MISSING_KEY_VALUES = {
+  rule.key: rule.default for rule in FIELD_RULES if rule.default is not REQUIRED
+}
+"""Keys added after the first release, with the value a config without them means: the
+behaviour of the code before the key existed, so a workdir started then resumes as it ran."""
 
 
 # Consistency checks: (values, facts) -> what is wrong, or None. Facts are None when the

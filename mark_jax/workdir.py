@@ -3,22 +3,34 @@
 - `check_writable`: the directory can be created and written.
 - `check_free_space`: the disk has room for every task's checkpoint.
 - `check_config`: a workdir started with another configuration is refused (the keys in
-  `CHANGEABLE_KEYS` may differ), unless the user forces it; the config is then saved.
+  `CHANGEABLE_KEYS` may differ), unless the user forces it; the config is then saved. A
+  key that the workdir's config lacks (added to the code since) takes the value that run
+  used (validation.MISSING_KEY_VALUES).
 """
 
 import json
 import shutil
 import time
 
+from absl import logging
 from etils import epath
 
 from mark_jax.errors import WorkdirError
+from mark_jax.validation import MISSING_KEY_VALUES
 
 CONFIG_FILE = "config.json"
-# Keys that do not change a run's numbers: where data and checkpoints come from, devices,
-# the evaluation chunk size (accuracies are exact counts).
+# Keys that do not change a run's numbers beyond float rounding: where data and
+# checkpoints come from, devices, the evaluation chunk size (accuracies are exact counts).
 CHANGEABLE_KEYS = frozenset(
-  {"data_dir", "download", "distributed", "restore_task", "restore_dir", "eval_batch_size"}
+  {
+    "data_dir",
+    "download",
+    "distributed",
+    "cpu_devices",
+    "restore_task",
+    "restore_dir",
+    "eval_batch_size",
+  }
 )
 FORCE_FLAG = "--allow_config_change"
 
@@ -91,6 +103,9 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, object, ob
 def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: bool) -> None:
   """Refuses a workdir started with another config; saves the config as config.json.
 
+  Keys missing from the workdir's config.json are set in `config` to the value that run
+  used (validation.MISSING_KEY_VALUES).
+
   Args:
     workdir: the run's directory.
     config: the run's ml_collections config.
@@ -108,6 +123,16 @@ def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: boo
       saved = json.loads(path.read_text())
     except json.JSONDecodeError as error:
       raise WorkdirError(f"{path} is not valid JSON ({error}); move it away to go on") from None
+    for key in MISSING_KEY_VALUES.keys() - flatten_config(saved).keys() - CHANGEABLE_KEYS:
+      if config[key] != MISSING_KEY_VALUES[key]:
+        logging.info(
+          "%s started before config.%s existed: it goes on as it ran, with %r",
+          workdir,
+          key,
+          MISSING_KEY_VALUES[key],
+        )
+        config[key] = MISSING_KEY_VALUES[key]
+    text = config.to_json_best_effort(indent=2)
     differences = config_differences(saved, json.loads(text))
     if differences and not allow_change:
       listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)

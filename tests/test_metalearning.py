@@ -36,7 +36,7 @@ def test_paper_sign_moves_towards_the_weighted_mean(reptile_inputs):
   theta, stacked, accuracies, target = reptile_inputs
   step = 0.1
   new = metalearning.reptile_update(
-    theta, stacked, accuracies, sgd(step, momentum=0.0, weight_decay=0.0), sign=1.0
+    theta, stacked, accuracies, sgd(step, momentum=0.0, weight_decay=0.0), scale=1.0
   )
   expected = jax.tree.map(lambda t, m: t + step * (m - t), theta, target)
   for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(expected), strict=True):
@@ -44,11 +44,20 @@ def test_paper_sign_moves_towards_the_weighted_mean(reptile_inputs):
   assert _distance(new, target) < _distance(theta, target)
 
 
-def test_authors_sign_moves_away(reptile_inputs):
+def test_authors_update_moves_away_by_one_kth(reptile_inputs):
+  # The released code: grad = sum_k w_k (theta_k - theta) / K, then theta -= lr * grad.
   theta, stacked, accuracies, target = reptile_inputs
+  step, num_mini_tasks = 0.1, 3
   new = metalearning.reptile_update(
-    theta, stacked, accuracies, sgd(0.1, momentum=0.0, weight_decay=0.0), sign=-1.0
+    theta,
+    stacked,
+    accuracies,
+    sgd(step, momentum=0.0, weight_decay=0.0),
+    scale=-1.0 / num_mini_tasks,
   )
+  expected = jax.tree.map(lambda t, m: t - step * (m - t) / num_mini_tasks, theta, target)
+  for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert _distance(new, target) > _distance(theta, target)
 
 

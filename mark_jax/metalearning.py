@@ -150,6 +150,7 @@ def make_meta_round(
     )
     new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, scale)
     return new_kb, {
+      "first_inner_loss": jnp.mean(losses[:, 0]),
       "inner_loss": jnp.mean(losses[:, -1]),
       "mini_task_accuracy": jnp.mean(accuracies),
       "first_nonfinite_step": first_nonfinite(jnp.sum(losses, axis=0)),

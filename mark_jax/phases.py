@@ -291,6 +291,28 @@ def make_feature_statistics_fn(
   return jax.jit(statistics)
 
 
+def make_mask_statistics_fn(nets: Networks, mean, std):
+  """`(model, images, weights) -> {'mask_max', 'latent_norm'}` in eval mode.
+
+  The largest mask value over the examples and blocks, and the mean L2 norm of the KB's
+  masked latent output: how far the masks have scaled the KB (all-ones masks leave the
+  latent at its pretrained size). Not jitted.
+  """
+
+  def statistics(model, images, weights):
+    x = data_lib.normalize(images, mean, std)
+    masks = nets.masks(model, x, True)
+    latent = nets.knowledge_base.apply(model["knowledge_base"], x, masks, train=False)
+    norms = jnp.linalg.norm(latent, axis=-1)
+    mask_max = jnp.max(jnp.stack([jnp.max(m * weights[:, None]) for m in masks]))
+    return {
+      "mask_max": mask_max,
+      "latent_norm": jnp.sum(norms * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+    }
+
+  return statistics
+
+
 def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):
   """`accuracy(model, images, labels, weights, use_masks)` of one task, in eval mode.
 

@@ -113,6 +113,8 @@ class Trainer:
     self.meta_round = jax.jit(meta_round, donate_argnums=0)
     accuracy = phases_lib.make_accuracy_fn(self.nets, self.mean, self.std, config.eval_batch_size)
     self.accuracy = jax.jit(accuracy, static_argnums=4)
+    mask_statistics = phases_lib.make_mask_statistics_fn(self.nets, self.mean, self.std)
+    self.mask_statistics = jax.jit(mask_statistics)
 
     def evaluate_all(knowledge_base, tasks, test):
       def one(task, images, labels, weights):
@@ -243,23 +245,23 @@ class Trainer:
 
   def train_phase(self, name, model, data, rng, task, step=None) -> dict:
     """Trains the phase's entries of `model` (KB + one task's F/M/C); returns the new model."""
-    step = step or name
+    step, phase = step or name, self.phases[name]
     params, frozen, batch_stats = self.phase_inputs(name, model)
     params, batch_stats = self.run_phase(
       name, params, frozen, data, rng, task=task, step=step, model_state=batch_stats
     )
     model = {**model, **params}
-    if self.phases[name].updates_feature_statistics:
+    if phase.updates_feature_statistics:
       model["feature_extractor"] = {**model["feature_extractor"], "batch_stats": batch_stats}
-    accuracy = self.validation_accuracy(model, data, self.phases[name].use_masks)
-    logging.info("task %d %s: validation accuracy %.4f", task, step, accuracy)
-    self.writer.write(
-      f"task_{task:02d}/{step}",
-      self.config.epochs,
-      {"validation_accuracy": accuracy},
-      task=task,
-      phase=step,
+    scalars = {"validation_accuracy": self.validation_accuracy(model, data, phase.use_masks)}
+    if phase.use_masks:
+      images, _, weights = data["validation"]
+      statistics = self.mask_statistics(model, images, weights)
+      scalars.update({k: float(v) for k, v in statistics.items()})
+    logging.info(
+      "task %d %s: %s", task, step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items())
     )
+    self.writer.write(f"task_{task:02d}/{step}", self.config.epochs, scalars, task=task, phase=step)
     return model
 
   def train_task(self, t: int, state: dict, task_data: data_lib.TaskData) -> dict:
@@ -309,12 +311,13 @@ class Trainer:
           kb, task, data["train_image"], data["train_label"], jax.random.fold_in(rng, r)
         )
         metrics = jax.device_get(metrics)
-        self.check_finite(metrics, t, f"metalearning round {r + 1} (inner loop)")
-        scalars = {k: metrics[k] for k in ("inner_loss", "mini_task_accuracy")}
-        bar.update(scalars)
+        scalars = {k: metrics[k] for k in ("first_inner_loss", "inner_loss", "mini_task_accuracy")}
+        # Written before the check, so that a diverged round's first loss is on record.
         self.writer.write(
           f"task_{t:02d}/metalearning", r + 1, scalars, task=t, phase="metalearning", round=r + 1
         )
+        self.check_finite(metrics, t, f"metalearning round {r + 1} (inner loop)")
+        bar.update(scalars)
     return kb
 
 

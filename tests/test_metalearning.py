@@ -110,3 +110,26 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
     metrics_v["mini_task_accuracy"], metrics_l["mini_task_accuracy"], atol=1e-6
   )
   assert _distance(kb_v, kb) > 0  # the round did move the KB
+
+
+@pytest.mark.parametrize("inner_grad_clip", [0.0, 1.0])
+def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
+  # A "hot" state: mask generators whose bias makes every mask about 10 (the three blocks
+  # scale the KB's latent by about 1000), and fresh heads, as the digits run met it when
+  # its masks had grown to 18-27 and the first inner loss was about 10.
+  config = tiny_config(
+    mask_bias_init=10.0, inner_steps=10, inner_learning_rate=0.01, inner_grad_clip=inner_grad_clip
+  )
+  nets = models.Networks(config, 32, 5)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  task = nets.init_task(jax.random.PRNGKey(1))
+  train, _ = data.synthetic_splits(
+    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
+  )
+  meta_round = jax.jit(metalearning.make_meta_round(nets, config, data.CIFAR_MEAN, data.CIFAR_STD))
+  _, metrics = meta_round(
+    kb, task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2)
+  )
+  assert float(metrics["first_inner_loss"]) > 20  # hot indeed
+  finite = bool(metrics["params_finite"]) and int(metrics["first_nonfinite_step"]) < 0
+  assert finite == (inner_grad_clip > 0)

@@ -1,0 +1,99 @@
+"""F^t's batch-norm statistics in the three modes of config.feature_bn_statistics."""
+
+import jax
+import numpy as np
+import pytest
+
+from mark_jax import data, phases, train
+from mark_jax.models import Networks
+
+from tiny import tiny_config
+
+
+def _snapshot(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance():
+  config = tiny_config()
+  nets = Networks(config, 32, 5)
+  variables = nets.init_task(jax.random.PRNGKey(0))["feature_extractor"]
+  images = jax.random.uniform(jax.random.PRNGKey(1), (24, 32, 32, 3))
+  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  batch_size = 8  # three full batches
+  statistics = phases.make_feature_statistics_fn(nets, batch_size, mean, std)
+  stats = statistics(variables, images, jax.random.PRNGKey(2))
+
+  # The first BN layer's input does not depend on the batch: its recomputed mean is the
+  # mean over every image and position, its variance the mean of the batches' variances.
+  _, captured = nets.feature_extractor.apply(
+    variables,
+    data.normalize(images, mean, std),
+    train=False,
+    capture_intermediates=True,
+  )
+  conv = np.asarray(captured["intermediates"]["Conv_0"]["__call__"][0])
+  np.testing.assert_allclose(
+    stats["BatchNorm_0"]["mean"], conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5
+  )
+  order, _ = phases.batch_indices(jax.random.PRNGKey(2), 24, batch_size)
+  batch_variances = [conv[np.asarray(idx)].var(axis=(0, 1, 2)) for idx in order]
+  np.testing.assert_allclose(
+    stats["BatchNorm_0"]["var"], np.mean(batch_variances, axis=0), rtol=1e-3, atol=1e-6
+  )
+  assert not np.allclose(stats["BatchNorm_1"]["var"], 1.0)  # not the initial statistics
+
+
+@pytest.fixture(scope="module", params=["running", "recomputed", "batch"])
+def trainer_of_mode(request):
+  config = tiny_config(feature_bn_statistics=request.param)
+  benchmark = data.load_benchmark(config)
+  trainer = train.Trainer(config, benchmark)
+  state = trainer.init_state(len(benchmark.tasks))
+  return request.param, benchmark, trainer, state
+
+
+def test_masks_phase_updates_feature_statistics_only_in_batch_mode(trainer_of_mode):
+  mode, benchmark, trainer, state = trainer_of_mode
+  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
+  model = jax.tree.map(lambda a: a.copy(), model)  # phases donate what they train
+  before = _snapshot(model["feature_extractor"])
+  device_data = trainer.device_data(benchmark.tasks[1])
+  after = trainer.train_phase("masks", model, device_data, jax.random.PRNGKey(0), 1)
+  for x, y in zip(
+    jax.tree.leaves(before["params"]),
+    jax.tree.leaves(after["feature_extractor"]["params"]),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(x, y)  # F^t's weights never train after its phase
+  stats_changed = any(
+    not np.array_equal(x, y)
+    for x, y in zip(
+      jax.tree.leaves(before["batch_stats"]),
+      jax.tree.leaves(after["feature_extractor"]["batch_stats"]),
+      strict=True,
+    )
+  )
+  assert stats_changed == (mode == "batch")
+
+
+def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(trainer_of_mode):
+  mode, benchmark, trainer, state = trainer_of_mode
+  model = {**train.task_slot(state["tasks"], 0), "knowledge_base": state["knowledge_base"]}
+  model = jax.tree.map(lambda a: a.copy(), model)
+  device_data = trainer.device_data(benchmark.tasks[0])
+  trained = trainer.train_feature_extractor(model, device_data, jax.random.PRNGKey(3), 0)
+  recomputed = trainer.feature_statistics(
+    {"params": trained["params"], "batch_stats": trained["batch_stats"]},
+    device_data["train_image"],
+    jax.random.PRNGKey(4),
+  )
+  # With any batch order the recomputed means agree (the first layer's exactly); the
+  # running averages of the phase lag behind the trained weights.
+  close = np.allclose(
+    trained["batch_stats"]["BatchNorm_0"]["mean"],
+    recomputed["BatchNorm_0"]["mean"],
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  assert close == (mode == "recomputed")

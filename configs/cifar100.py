@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.use_masks = True  # False: all-ones masks
   config.use_feature_extractor = True  # False: KB only (needs use_masks=False)
   config.shared_feature_extractor = False  # True: F^0 serves every task
+  # As the authors' code: steps 3 and 5 of a task without an F^t of its own (shared F^0
+  # after task 0, KB only) learn at this fraction of learning_rate; KB only skips step 3.
+  config.no_own_features_lr_factor = 0.1
+  config.kb_only_skips_masks_step = True
 
   # Devices: the K mini-tasks and each batch are spread over all local devices (a mesh).
   config.distributed = False  # True on a multi-host TPU slice: jax.distributed.initialize()

@@ -239,6 +239,21 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
       use_masks=config.use_masks,
       updates_feature_statistics=stats_updated,
     ),
+    # Steps 3 and 5 of a task that trains no F^t of its own (shared F^0 after task 0, KB
+    # only): the authors' code runs them at a fraction of the learning rate.
+    "masks_without_own_features": Phase(
+      "masks_without_own_features",
+      ("mask_generator", "head"),
+      with_masks,
+      sgd(
+        config.learning_rate * config.no_own_features_lr_factor,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip=task_clip,
+      ),
+      use_masks=config.use_masks,
+      updates_feature_statistics=stats_updated,
+    ),
     "kb_sgd": Phase(
       "kb_sgd",
       ("knowledge_base", "head"),

@@ -278,19 +278,21 @@ class Trainer:
     data = self.device_data(task_data)
     model = {**task_slot(state["tasks"], t), "knowledge_base": state["knowledge_base"]}
 
-    if config.use_feature_extractor:
-      if config.shared_feature_extractor and t > 0:
-        model["feature_extractor"] = task_slot(state["tasks"], 0)["feature_extractor"]
-      else:
-        model["feature_extractor"] = self.train_feature_extractor(model, data, keys["features"], t)
+    own_features = config.use_feature_extractor and not (config.shared_feature_extractor and t)
+    if own_features:
+      model["feature_extractor"] = self.train_feature_extractor(model, data, keys["features"], t)
+    elif config.use_feature_extractor:
+      model["feature_extractor"] = task_slot(state["tasks"], 0)["feature_extractor"]
+    masks_phase = "masks" if own_features else "masks_without_own_features"
     if t == 0 and config.pretrain_kb:
       model = self.train_phase("kb_pretrain", model, data, keys["pretrain"], t)
-    model = self.train_phase("masks", model, data, keys["masks"], t)
+    if config.use_feature_extractor or not config.kb_only_skips_masks_step:
+      model = self.train_phase(masks_phase, model, data, keys["masks"], t, "masks")
     if config.use_metalearning:
       model["knowledge_base"] = self.metalearn(t, model, data, keys["kb"])
     else:
       model = self.train_phase("kb_sgd", model, data, keys["kb"], t)
-    model = self.train_phase("masks", model, data, keys["consolidation"], t, "consolidation")
+    model = self.train_phase(masks_phase, model, data, keys["consolidation"], t, "consolidation")
     kb = model.pop("knowledge_base")
     return {"knowledge_base": kb, "tasks": set_task_slot(state["tasks"], t, model), "rng": rng}
 

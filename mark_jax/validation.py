@@ -258,6 +258,8 @@ FIELD_RULES = (
   FieldRule("use_masks", boolean),
   FieldRule("use_feature_extractor", boolean),
   FieldRule("shared_feature_extractor", boolean),
+  FieldRule("no_own_features_lr_factor", positive_float, default=1.0),
+  FieldRule("kb_only_skips_masks_step", boolean, default=False),
   FieldRule("distributed", boolean),
   FieldRule("cpu_devices", non_negative_int, default=0),
   FieldRule("restore_task", optional_non_negative_int, default=None),

@@ -91,8 +91,11 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-  """(key, saved value, current value) for every key that differs, changeable keys aside."""
-  saved, current = flatten_config(saved), flatten_config(current)
+  """(key, saved value, current value) for every key that differs, changeable keys aside.
+
+  A key that `saved` lacks counts as the value its run used (MISSING_KEY_VALUES).
+  """
+  saved, current = {**MISSING_KEY_VALUES, **flatten_config(saved)}, flatten_config(current)
   return [
     (key, saved.get(key, "<absent>"), current.get(key, "<absent>"))
     for key in sorted(set(saved) | set(current))

@@ -309,6 +309,21 @@ def test_another_config_is_refused_unless_allowed(reference, finished_copy, monk
   assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
 
 
+def test_keys_added_since_a_run_started_take_the_values_it_ran_with(tmp_path):
+  started = tiny_config().to_dict()
+  for key in ("feature_bn_statistics", "no_own_features_lr_factor", "cpu_devices"):
+    del started[key]  # a workdir started before these keys existed
+  (tmp_path / "config.json").write_text(json.dumps(started))
+  config = tiny_config(feature_bn_statistics="recomputed", cpu_devices=2)
+  workdir_lib.check_config(epath.Path(tmp_path), config, False, True)
+  assert config.feature_bn_statistics == "running"  # as before the key existed
+  assert config.no_own_features_lr_factor == 1.0
+  assert config.cpu_devices == 2  # devices may change on any resume
+  assert "feature_bn_statistics" not in json.loads((tmp_path / "config.json").read_text())
+  with pytest.raises(errors.WorkdirError, match="seed"):
+    workdir_lib.check_config(epath.Path(tmp_path), tiny_config(seed=7), False, True)
+
+
 def test_every_replaced_config_is_kept(tmp_path, monkeypatch):
   one_second = types.SimpleNamespace(strftime=lambda fmt: "20260101T000000")
   monkeypatch.setattr(workdir_lib, "time", one_second)

@@ -4,18 +4,25 @@
 # Needs MiniImageNet prepared once: python -m mark_jax.data prepare miniimagenet --source PATH
 # Each run trains in RUNS_DIR/<variant>_seed<seed> (default RUNS_DIR /tmp/mark_fidelity;
 # relaunching resumes after the last finished task) and its results.json is copied to
-# results/miniimagenet32_cpu/<variant>_seed<seed>/. Without VARIANT:SEED arguments it runs
-# all ten; giving some lets two processes share the list (one per core). Then:
+# results/miniimagenet32_cpu/<variant>_seed<seed>/ (the 10-task runs to
+# results/miniimagenet32_cpu_first10/). Without VARIANT:SEED arguments it runs
+# the ten runs of README's main table; giving some lets two processes share the list (one
+# per core, e.g. `taskset -c 0 bash scripts/... kb_frozen_bn_batch_10tasks:48`). Then:
 #   python -m mark_jax.report results/miniimagenet32_cpu/*/ --out results/miniimagenet32_cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs_dir="${1:-/tmp/mark_fidelity}"
 shift || true
+# The first four rows ran before feature_bn_statistics existed: with its value 'running'.
+frozen="--config.mask_bias_init=1.0 --config.meta_rounds=0"
 declare -A variants=(
-  [mark_default_init]=""
-  [mark]="--config.mask_bias_init=1.0"
-  [kb_frozen_after_task0]="--config.mask_bias_init=1.0 --config.meta_rounds=0"
-  [no_metalearning]="--config.mask_bias_init=1.0 --config.use_metalearning=False"
+  [mark_default_init]="--config.feature_bn_statistics=running"
+  [mark]="--config.mask_bias_init=1.0 --config.feature_bn_statistics=running"
+  [kb_frozen_after_task0]="$frozen --config.feature_bn_statistics=running"
+  [no_metalearning]="--config.mask_bias_init=1.0 --config.use_metalearning=False --config.feature_bn_statistics=running"
+  # F^t's batch-norm modes compared over the first ten tasks with the KB frozen.
+  [kb_frozen_bn_recomputed_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=recomputed"
+  [kb_frozen_bn_batch_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=batch"
 )
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
@@ -30,6 +37,8 @@ for run in "${runs[@]}"; do
   # shellcheck disable=SC2086  # the variant's flags are meant to split
   python launch.py --config configs/miniimagenet32_cpu.py --workdir "$runs_dir/$name" \
     --config.seed="$seed" ${variants[$variant]}
-  mkdir -p "results/miniimagenet32_cpu/$name"
-  cp "$runs_dir/$name/results.json" "results/miniimagenet32_cpu/$name/results.json"
+  results="results/miniimagenet32_cpu"
+  [[ $variant == *_10tasks ]] && results="results/miniimagenet32_cpu_first10"
+  mkdir -p "$results/$name"
+  cp "$runs_dir/$name/results.json" "$results/$name/results.json"
 done

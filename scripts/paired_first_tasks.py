@@ -33,9 +33,11 @@ def first_tasks_mean(path: str, num_tasks: int) -> tuple[int, float]:
 
 
 def spread(values: list[float]) -> str:
+  """Mean ± sample std in percent (points), over seeds."""
   mean = statistics.fmean(values)
-  std = statistics.stdev(values) if len(values) > 1 else float("nan")
-  return f"{100 * mean:.2f} ± {100 * std:.2f}"
+  if len(values) < 2:
+    return f"{100 * mean:.2f} (one seed)"
+  return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def main() -> None:

@@ -215,6 +215,23 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
   task_clip = global_norm_clip(config.task_grad_clip)
   with_masks = functools.partial(masked_model_loss, config.use_masks)
   stats_updated = config.use_masks and batch_statistics
+
+  def masks_phase(name: str, learning_rate: float) -> Phase:
+    """Steps 3 and 5 (masks, consolidation): the same phase, run twice."""
+    return Phase(
+      name,
+      ("mask_generator", "head"),
+      with_masks,
+      sgd(
+        learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip=task_clip,
+      ),
+      use_masks=config.use_masks,
+      updates_feature_statistics=stats_updated,
+    )
+
   return {
     "feature_extractor": Phase(
       "feature_extractor",
@@ -230,29 +247,11 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
       task_sgd(clip=task_clip),
       use_masks=False,
     ),
-    # Steps 3 and 5 (masks, consolidation) are the same phase, run twice.
-    "masks": Phase(
-      "masks",
-      ("mask_generator", "head"),
-      with_masks,
-      task_sgd(clip=task_clip),
-      use_masks=config.use_masks,
-      updates_feature_statistics=stats_updated,
-    ),
+    "masks": masks_phase("masks", config.learning_rate),
     # Steps 3 and 5 of a task that trains no F^t of its own (shared F^0 after task 0, KB
     # only): the authors' code runs them at a fraction of the learning rate.
-    "masks_without_own_features": Phase(
-      "masks_without_own_features",
-      ("mask_generator", "head"),
-      with_masks,
-      sgd(
-        config.learning_rate * config.no_own_features_lr_factor,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        clip=task_clip,
-      ),
-      use_masks=config.use_masks,
-      updates_feature_statistics=stats_updated,
+    "masks_without_own_features": masks_phase(
+      "masks_without_own_features", config.learning_rate * config.no_own_features_lr_factor
     ),
     "kb_sgd": Phase(
       "kb_sgd",

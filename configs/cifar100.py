@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.inner_learning_rate = 0.01  # authors' lr_meta
   config.inner_weight_decay = 0.1
   config.inner_grad_clip = 0.0  # global gradient norm clip of each inner step (0: off)
+  config.inner_lr_plateau = False  # True: the authors' ReduceLROnPlateau on the inner loop
   config.meta_step_size = 0.001  # Reptile epsilon = lr_meta * 0.1
   config.meta_weight_decay = 0.1
   config.meta_sign = "paper"  # paper: towards the adapted copies | authors: away

@@ -146,13 +146,11 @@ def run(config, repeats: int, time_task: bool) -> dict:
   args = (kb, task_vars, data["train_image"], data["train_label"], rng)
   compiled, compile_s = _compile(trainer.meta_round, args)
   round_s = float(np.median(_time(compiled, args, repeats)))
-  optimizer, inner_step = metalearning.make_inner_step(native.nets, config)
+  init_inner, inner_step = metalearning.make_inner_step(native.nets, config)
   params = {"knowledge_base": state["knowledge_base"], "head": model["head"]}
   images = data_lib.normalize(batch["image"], benchmark.mean, benchmark.std)
   masks = native.nets.masks(model, images, config.use_masks)
-  inner_flops = _flops(
-    inner_step, params, optimizer.init(params), images, batch["label"], masks, rng
-  )
+  inner_flops = _flops(inner_step, params, init_inner(params), images, batch["label"], masks, rng)
   round_flops = inner_flops * config.mini_tasks * config.inner_steps
   results["meta_round"] = {
     "compile_s": compile_s,

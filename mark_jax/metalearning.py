@@ -55,12 +55,37 @@ def reptile_update(
   return optax.apply_updates(knowledge_base, updates)
 
 
+# PyTorch's ReduceLROnPlateau(factor=0.5, patience=5, threshold=0.001) in optax's terms:
+# PyTorch reduces after more than `patience` bad steps, optax after exactly `patience`.
+PLATEAU = optax.contrib.reduce_on_plateau(factor=0.5, patience=6, rtol=1e-3)
+
+
+def scale_on_plateau(updates, plateau_state, loss):
+  """Scales a step's updates by the factor the losses before it left, then counts its loss.
+
+  This is the order of the authors' loop (`opti.step()`, then `scheduler.step(loss)`):
+  a reduction takes effect from the next step on.
+
+  Returns:
+    (scaled updates, plateau state after this step's loss).
+  """
+  scaled = jax.tree.map(lambda u: plateau_state.scale * u, updates)
+  _, plateau_state = PLATEAU.update(updates, plateau_state, value=loss)
+  return scaled, plateau_state
+
+
 def make_inner_step(nets: Networks, config):
   """One inner-loop SGD step on KB + temporary head with fixed masks.
 
+  With config.inner_lr_plateau the step size halves after 6 steps in a row without a 0.1%
+  improvement of the training loss: PyTorch's ReduceLROnPlateau(factor=0.5, patience=5,
+  threshold=0.001) as the authors' inner loop steps it, after each step with that step's
+  loss, so a reduction applies from the next step on.
+
   Returns:
-    (optimizer, step) with step(params, opt_state, images, labels, masks, rng) ->
-    (params, opt_state, loss); params = {'knowledge_base', 'head'}, images normalised.
+    (init, step): init(params) -> opt_state; step(params, opt_state, images, labels,
+    masks, rng) -> (params, opt_state, loss); params = {'knowledge_base', 'head'},
+    images normalised.
   """
   optimizer = sgd(
     config.inner_learning_rate,
@@ -69,16 +94,22 @@ def make_inner_step(nets: Networks, config):
     clip=global_norm_clip(config.inner_grad_clip),
   )
 
+  def init(params):
+    return optimizer.init(params), (PLATEAU.init(params) if config.inner_lr_plateau else None)
+
   def loss_fn(params, images, labels, masks, rng):
     logits = nets.logits(params, images, masks, train=True, rng=rng)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   def step(params, opt_state, images, labels, masks, rng):
     loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, masks, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    sgd_state, plateau_state = opt_state
+    updates, sgd_state = optimizer.update(grads, sgd_state, params)
+    if config.inner_lr_plateau:
+      updates, plateau_state = scale_on_plateau(updates, plateau_state, loss)
+    return optax.apply_updates(params, updates), (sgd_state, plateau_state), loss
 
-  return optimizer, step
+  return init, step
 
 
 def make_meta_round(
@@ -106,7 +137,7 @@ def make_meta_round(
     The un-jitted round function (jit it, or compose it under further transforms).
   """
   num_mini_tasks, batch_size = config.mini_tasks, config.batch_size
-  inner_optimizer, inner_step = make_inner_step(nets, config)
+  init_inner, inner_step = make_inner_step(nets, config)
   meta_optimizer = sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay)
   scale = {"paper": 1.0, "authors": -1.0 / num_mini_tasks}[config.meta_sign]
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
@@ -127,7 +158,7 @@ def make_meta_round(
       return (params, opt_state), loss
 
     keys = jax.random.split(rng, config.inner_steps)
-    (params, _), losses = lax.scan(step, (params, inner_optimizer.init(params)), keys)
+    (params, _), losses = lax.scan(step, (params, init_inner(params)), keys)
     logits = nets.logits(params, eval_images, eval_masks, train=False, rng=None)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == eval_labels)
     return params["knowledge_base"], accuracy, losses

@@ -250,6 +250,7 @@ FIELD_RULES = (
   FieldRule("inner_learning_rate", positive_float),
   FieldRule("inner_weight_decay", non_negative_float),
   FieldRule("inner_grad_clip", non_negative_float, default=0.0),
+  FieldRule("inner_lr_plateau", boolean, default=False),
   FieldRule("meta_step_size", positive_float),
   FieldRule("meta_weight_decay", non_negative_float),
   FieldRule("meta_sign", one_of(("paper", "authors"))),

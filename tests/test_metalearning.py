@@ -133,3 +133,33 @@ def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
   assert float(metrics["first_inner_loss"]) > 20  # hot indeed
   finite = bool(metrics["params_finite"]) and int(metrics["first_nonfinite_step"]) < 0
   assert finite == (inner_grad_clip > 0)
+
+
+def _pytorch_reduce_on_plateau_lrs(losses, lr=1.0, factor=0.5, patience=5, threshold=1e-3):
+  """The learning rate of each step under PyTorch's ReduceLROnPlateau (mode 'min', rel),
+  stepped after each optimiser step with that step's loss."""
+  best, bad, lrs = float("inf"), 0, []
+  for loss in losses:
+    lrs.append(lr)
+    if loss < best * (1 - threshold):
+      best, bad = loss, 0
+    else:
+      bad += 1
+    if bad > patience:
+      lr, bad = lr * factor, 0
+  return lrs
+
+
+def test_inner_plateau_follows_pytorch_reduce_lr_on_plateau():
+  rng = np.random.default_rng(0)
+  losses = np.concatenate([np.linspace(2.0, 1.0, 5), 1.0 + 0.01 * rng.random(25)])
+  losses[12] = 0.5  # one improvement in the middle resets the count
+  params = {"w": jnp.ones(2)}
+  state = metalearning.PLATEAU.init(params)
+  scales = []
+  for loss in losses:
+    updates, state = metalearning.scale_on_plateau(params, state, jnp.float32(loss))
+    scales.append(float(updates["w"][0]))
+  expected = _pytorch_reduce_on_plateau_lrs(losses)
+  np.testing.assert_allclose(scales, expected, rtol=1e-6)
+  assert min(expected) < 1.0  # the sequence does reduce the step size

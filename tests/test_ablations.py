@@ -65,7 +65,7 @@ def test_without_own_features_the_masks_learn_at_a_tenth():
   def first_update(name):
     optimizer = trainer.phases[name].optimizer
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    return optax.global_norm(updates)
+    return optax.tree.norm(updates)
 
   ratio = first_update("masks_without_own_features") / first_update("masks")
   assert abs(float(ratio) - config.no_own_features_lr_factor) < 1e-6

@@ -3,7 +3,7 @@ r"""The paper's ablations of MARK on 20-Split CIFAR-100, each derived from confi
 Run one ablation (here over the authors' three seeds):
   python launch.py --config configs/ablations.py:no_metalearning --workdir DIR --seeds=48,49,51
 
-Ablations, as the authors' code expresses them (MARK_SPEC.md):
+Ablations, as the authors' code expresses them (README, "Configs"):
   no_metalearning           step 4 trains KB + head by plain SGD (authors' use_meta: False)
   kb_frozen_after_task0     step 4 skipped: the KB keeps its task-0 pretraining (meta_epochs: 0)
   no_masks                  all-ones masks (use_mask: False)

@@ -1,4 +1,4 @@
-r"""MARK on 20-Split CIFAR-100 with the authors' hyperparameters (../shared/MARK_SPEC.md).
+r"""MARK on 20-Split CIFAR-100 with the authors' hyperparameters (README, "Configs").
 
 Run:
   python launch.py --config configs/cifar100.py --workdir /tmp/mark_cifar100
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     dict(num_classes=100, train_per_class=500, test_per_class=100, image_size=32, seed=0)
   )
 
-  # Networks (MARK_SPEC.md, "Networks").
+  # Networks (mark_jax/models.py).
   config.kb_channels = (64, 128, 256)
   config.feature_channels = (32, 32)
   config.latent_dim = 128
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.meta_sign = "paper"  # paper: towards the adapted copies | authors: away
   config.meta_accuracy_batch = "same"  # same (authors) | next: batch that scores acc_k
 
-  # Ablations (MARK_SPEC.md).
+  # Ablations (configs/ablations.py).
   config.use_masks = True  # False: all-ones masks
   config.use_feature_extractor = True  # False: KB only (needs use_masks=False)
   config.shared_feature_extractor = False  # True: F^0 serves every task

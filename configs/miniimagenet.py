@@ -4,7 +4,7 @@ Run:
   python launch.py --config configs/miniimagenet.py --workdir /tmp/mark_miniimagenet
 
 Same protocol as configs/cifar100.py; MiniImageNet uses smaller learning rates, a wider
-latent layer, thinner feature extractors and 2% validation (MARK_SPEC.md).
+latent layer, thinner feature extractors and 2% validation (the authors' settings).
 """
 
 from configs import cifar100

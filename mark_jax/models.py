@@ -8,8 +8,8 @@ Data flow for an image x of task t:
   logits   = Head^t(latent)                 # C^t
 
 Every layer is initialised as PyTorch initialises it (uniform in +-1/sqrt(fan_in) for
-weights and biases), so that a fresh model behaves like the authors' one; MARK_SPEC.md
-shows that this matters for the masks.
+weights and biases), so that a fresh model behaves like the authors' one; README
+("Results") shows that this matters for the masks.
 """
 
 from collections.abc import Sequence
@@ -45,7 +45,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
   """Picks the convolution's form for the current backend.
 
   XLA:CPU runs native convolutions very slowly inside rolled loops and under vmap
-  (PERF_NOTES.md); image patches followed by a matmul avoid both. Accelerators run the
+  (jax-ml/jax issue 12868); image patches followed by a matmul avoid both. Accelerators run the
   native convolution best.
 
   Args:

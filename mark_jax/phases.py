@@ -177,7 +177,7 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
 
 
 def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
-  """The phases of MARK_SPEC.md with the config's optimisers."""
+  """MARK's gradient-descent phases with the config's optimisers."""
   normalize = functools.partial(data_lib.normalize, mean=mean, std=std)
 
   def feature_loss(params, batch_stats, frozen, batch, rng):

@@ -265,7 +265,7 @@ class Trainer:
     return model
 
   def train_task(self, t: int, state: dict, task_data: data_lib.TaskData) -> dict:
-    """The five phases of task t (MARK_SPEC.md); returns the new run state."""
+    """The five phases of task t (README, "What MARK does"); returns the new run state."""
     config = self.config
     rng, task_key = jax.random.split(state["rng"])
     keys = dict(

@@ -1,10 +1,11 @@
 """KB enrichment by metalearning: K mini-tasks adapted in parallel, then a weighted Reptile step.
 
-One round (step 4 of MARK, README "What MARK does"): sample K training batches; for each, start from the
-current KB and a fresh temporary head and take `inner_steps` SGD steps on KB + head with
-the task's fixed masks (a `lax.scan`; the K mini-tasks run under `jax.vmap`); measure each
-adapted copy's accuracy acc_k; then move the KB with the pseudo-gradient
-`theta - sum_k w_k theta_k` (w_k = acc_k / sum acc) through an optax optimiser.
+One round (step 4 of MARK, README "What MARK does"): sample K training batches; for
+each, start from the current KB and a fresh temporary head and take `inner_steps` SGD
+steps on KB + head with the task's fixed masks (a `lax.scan`; the K mini-tasks run under
+`jax.vmap`); measure each adapted copy's accuracy acc_k; then move the KB with the
+pseudo-gradient `theta - sum_k w_k theta_k` (w_k = acc_k / sum acc) through an optax
+optimiser.
 """
 
 import functools

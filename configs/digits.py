@@ -23,6 +23,7 @@ BATCH_SIZE = 32
 
 def get_config():
   config = cifar100.get_config()
+  scale = BATCH_SIZE / config.batch_size  # the paper's step sizes are for its batch
   config.dataset = "digits"
   config.classes_per_task = 2
   config.batch_size = BATCH_SIZE
@@ -31,7 +32,6 @@ def get_config():
   config.meta_rounds = 1
   config.mini_tasks = 4
   config.inner_steps = 10
-  scale = BATCH_SIZE / cifar100.get_config().batch_size
   config.learning_rate *= scale
   config.inner_learning_rate *= scale
   config.mask_bias_init = 1.0

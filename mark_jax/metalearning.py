@@ -143,13 +143,6 @@ def make_meta_round(
   scale = {"paper": 1.0, "authors": -1.0 / num_mini_tasks}[config.meta_sign]
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
 
-  def training_masks(model, images):
-    """The task's masks for one mini-task batch, F^t normalising as config says."""
-    if config.use_masks and config.feature_bn_statistics == "batch":
-      batch_stats = model["feature_extractor"]["batch_stats"]
-      return nets.masks_from_batch_statistics(model, batch_stats, images)[0]
-    return nets.masks(model, images, config.use_masks)
-
   def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
     """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, losses)."""
     params = {"knowledge_base": knowledge_base, "head": head}
@@ -172,7 +165,10 @@ def make_meta_round(
     order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
     x, y = shard_mini_tasks((data_lib.normalize(images[order], mean, std), labels[order]))
     model = {**task, "knowledge_base": knowledge_base}
-    masks = jax.vmap(functools.partial(training_masks, model))(x)
+    batch_stats = model["feature_extractor"]["batch_stats"]
+    masks = jax.vmap(
+      lambda batch: nets.training_masks(model, batch, config.use_masks, batch_stats)[0]
+    )(x)
     train = (x, y, masks)
     evaluation = jax.tree.map(lambda a: a[num_mini_tasks:], train) if separate_eval_batch else train
     train = jax.tree.map(lambda a: a[:num_mini_tasks], train)

@@ -252,6 +252,8 @@ class Networks:
     )
     self.head = Head(num_classes)
     self.image_shape = (image_size, image_size, 3)
+    # F^t in training mode (batch statistics) while M^t, C^t and the KB train.
+    self.masks_from_batch_statistics = model_config.feature_bn_statistics == "batch"
 
   def init_knowledge_base(self, rng: jax.Array) -> dict:
     """Fresh KB variables ({'params': ...})."""
@@ -279,20 +281,30 @@ class Networks:
     features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)
     return self.mask_generator.apply(model["mask_generator"], features)
 
-  def masks_from_batch_statistics(
-    self, model: dict, batch_stats: dict, images: jax.Array, weights: jax.Array | None = None
+  def training_masks(
+    self,
+    model: dict,
+    images: jax.Array,
+    use_masks: bool,
+    batch_stats: dict,
+    weights: jax.Array | None = None,
   ) -> tuple[Masks, dict]:
-    """Masks from F^t normalising with the batch's statistics (F^t in training mode).
+    """Masks while M^t, C^t or the KB train: F^t normalises as config.feature_bn_statistics
+    says (the batch's statistics in mode 'batch', else its stored ones, as `masks`).
 
     Args:
       model: holds F^t's params (model['feature_extractor']['params']) and M^t.
-      batch_stats: F^t's running statistics before this batch.
       images: normalised images.
+      use_masks: False gives all-ones masks.
+      batch_stats: F^t's running statistics before this batch.
       weights: (batch,) marks real examples (padding has weight 0); None: all real.
 
     Returns:
-      (masks, F^t's running statistics updated with this batch's).
+      (masks, F^t's running statistics after this batch: updated with the batch's in
+      mode 'batch', else `batch_stats` unchanged).
     """
+    if not (use_masks and self.masks_from_batch_statistics):
+      return self.masks(model, images, use_masks), batch_stats
     variables = {"params": model["feature_extractor"]["params"], "batch_stats": batch_stats}
     features, updates = self.feature_extractor.apply(
       variables,

@@ -194,17 +194,10 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
     return loss, (correct, updates["batch_stats"])
 
-  batch_statistics = config.feature_bn_statistics == "batch"
-
   def masked_model_loss(use_masks, params, model_state, frozen, batch, rng):
     model = {**frozen, **params}
     images = normalize(batch["image"])
-    if use_masks and batch_statistics:
-      masks, model_state = nets.masks_from_batch_statistics(
-        model, model_state, images, batch["weight"]
-      )
-    else:
-      masks = nets.masks(model, images, use_masks)
+    masks, model_state = nets.training_masks(model, images, use_masks, model_state, batch["weight"])
     logits = nets.logits(model, images, masks, train=True, rng=rng)
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
     return loss, (correct, model_state)
@@ -214,7 +207,7 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
   )
   task_clip = global_norm_clip(config.task_grad_clip)
   with_masks = functools.partial(masked_model_loss, config.use_masks)
-  stats_updated = config.use_masks and batch_statistics
+  stats_updated = config.use_masks and nets.masks_from_batch_statistics
 
   def masks_phase(name: str, learning_rate: float) -> Phase:
     """Steps 3 and 5 (masks, consolidation): the same phase, run twice."""

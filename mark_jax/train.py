@@ -237,10 +237,8 @@ class Trainer:
     )
     if self.config.feature_bn_statistics == "recomputed":
       variables = {"params": params["feature_extractor"], "batch_stats": batch_stats}
-      epochs = self.config.epochs
-      batch_stats = self.feature_statistics(
-        variables, data["train_image"], jax.random.fold_in(phase_key, epochs)
-      )
+      after_last_epoch = jax.random.fold_in(phase_key, self.config.epochs)
+      batch_stats = self.feature_statistics(variables, data["train_image"], after_last_epoch)
     return {"params": params["feature_extractor"], "batch_stats": batch_stats}
 
   def train_phase(self, name, model, data, rng, task, step=None) -> dict:

@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   #   recomputed: averaged over the task's training batches once F^t is trained (PreciseBN)
   #   batch: the authors' code: batch statistics while M^t, C^t and the KB train, running
   #     averages updated there and used at test
-  config.feature_bn_statistics = "running"
+  config.feature_bn_statistics = "recomputed"
 
   # Phases 1, 2, 3, 5 (and 4 without metalearning): SGD with momentum.
   config.batch_size = 128

@@ -1,34 +1,37 @@
 #!/usr/bin/env bash
-# The ten CPU fidelity runs of README's results table, one after another (hours on a CPU).
+# The CPU fidelity runs of README's results table, one after another (hours on a CPU).
 # Usage: bash scripts/fidelity_miniimagenet32_cpu.sh [RUNS_DIR [VARIANT:SEED ...]]
 # Needs MiniImageNet prepared once: python -m mark_jax.data prepare miniimagenet --source PATH
 # Each run trains in RUNS_DIR/<variant>_seed<seed> (default RUNS_DIR /tmp/mark_fidelity;
 # relaunching resumes after the last finished task) and its results.json is copied to
 # results/miniimagenet32_cpu/<variant>_seed<seed>/ (the 10-task runs to
 # results/miniimagenet32_cpu_first10/). Without VARIANT:SEED arguments it runs
-# the ten runs of README's main table; giving some lets two processes share the list (one
-# per core, e.g. `taskset -c 0 bash scripts/... kb_frozen_bn_batch_10tasks:48`). Then:
+# README's main rows with the current defaults; giving some lets two processes share the list
+# (one per core, e.g. `taskset -c 0 bash scripts/... kb_frozen_bn_batch_10tasks:48`). Then:
 #   python -m mark_jax.report results/miniimagenet32_cpu/*/ --out results/miniimagenet32_cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs_dir="${1:-/tmp/mark_fidelity}"
 shift || true
-# The first four rows ran before feature_bn_statistics existed: with its value 'running'.
 frozen="--config.mask_bias_init=1.0 --config.meta_rounds=0"
+running="--config.feature_bn_statistics=running"
 declare -A variants=(
-  [mark_default_init]="--config.feature_bn_statistics=running"
-  [mark]="--config.mask_bias_init=1.0 --config.feature_bn_statistics=running"
-  [kb_frozen_after_task0]="$frozen --config.feature_bn_statistics=running"
-  [no_metalearning]="--config.mask_bias_init=1.0 --config.use_metalearning=False --config.feature_bn_statistics=running"
+  # README's main rows, with the defaults (F^t's statistics recomputed after its phase).
+  [mark]="--config.mask_bias_init=1.0"
+  [kb_frozen_after_task0]="$frozen"
+  # Rows measured before the default became 'recomputed': F^t's running statistics.
+  [mark_bn_running]="--config.mask_bias_init=1.0 $running"
+  [kb_frozen_after_task0_bn_running]="$frozen $running"
+  [no_metalearning_bn_running]="--config.mask_bias_init=1.0 --config.use_metalearning=False $running"
+  [mark_default_init_bn_running]="$running"
   # F^t's batch-norm modes compared over the first ten tasks with the KB frozen.
   [kb_frozen_bn_recomputed_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=recomputed"
   [kb_frozen_bn_batch_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=batch"
 )
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
-  runs=(mark:48 kb_frozen_after_task0:48 no_metalearning:48 mark_default_init:48
-    mark:49 kb_frozen_after_task0:49 no_metalearning:49
-    mark:51 kb_frozen_after_task0:51 no_metalearning:51)
+  runs=(mark:48 kb_frozen_after_task0:48 mark:49 kb_frozen_after_task0:49
+    mark:51 kb_frozen_after_task0:51)
 fi
 for run in "${runs[@]}"; do
   variant="${run%%:*}"

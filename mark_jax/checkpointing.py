@@ -20,7 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mark_jax import workdir as workdir_lib
-from mark_jax.errors import CheckpointError
+from mark_jax.errors import CheckpointError, WorkdirError
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -79,6 +79,45 @@ def save(
   mngr.wait_until_finished()
 
 
+def _shapes(tree) -> dict[str, tuple]:
+  return {
+    jax.tree_util.keystr(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def check_shapes(mngr: ocp.CheckpointManager, task: int, abstract_state) -> None:
+  """Refuses a checkpoint whose arrays have other shapes than this config's state.
+
+  Such a checkpoint is intact but belongs to another config (say another max_tasks, forced
+  with --allow_config_change): restoring it cannot work, and moving it aside as damaged
+  would throw away a good run. A checkpoint whose metadata cannot be read is left to
+  `restore` to judge.
+
+  Raises:
+    WorkdirError: the shapes differ.
+  """
+  directory = epath.Path(mngr.directory) / str(task) / "state"
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(directory)
+  except Exception:  # Unreadable metadata: a damaged checkpoint, for `restore` to report.
+    return
+  saved = _shapes(metadata.tree)
+  changed = [
+    (path, saved[path], shape)
+    for path, shape in _shapes(abstract_state).items()
+    if path in saved and saved[path] != shape
+  ]
+  if changed:
+    path, old, new = changed[0]
+    raise WorkdirError(
+      f"the checkpoint of task {task} in {mngr.directory} holds a run state of other shapes "
+      f"than this config's ({len(changed)} arrays, e.g. state{path}: {old} saved, {new} now): "
+      f"a key that sets them changed (max_tasks, classes_per_task or the network); use a "
+      f"new --workdir (branching with --config.restore_dir needs the same shapes)"
+    )
+
+
 def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
   """Restores and verifies the state and accuracy matrix saved after `task`.
 
@@ -94,12 +133,14 @@ def restore(mngr: ocp.CheckpointManager, task: int, abstract_state):
   Raises:
     CheckpointError: there is no checkpoint for `task`, or it is damaged (unreadable,
       incomplete, or its arrays do not match the digest written with them).
+    WorkdirError: the checkpoint's arrays have other shapes than `abstract_state`.
   """
   if task not in mngr.all_steps():
     raise CheckpointError(
       f"no checkpoint for task {task} in {mngr.directory}; "
       f"available: {sorted(mngr.all_steps()) or 'none'}"
     )
+  check_shapes(mngr, task, abstract_state)
   try:
     restored = mngr.restore(
       task,

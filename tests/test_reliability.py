@@ -309,6 +309,16 @@ def test_another_config_is_refused_unless_allowed(reference, finished_copy, monk
   assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
 
 
+def test_a_forced_change_of_the_state_shapes_keeps_the_checkpoints(finished_copy):
+  workdir = finished_copy
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  with pytest.raises(errors.WorkdirError, match="other shapes") as refused:
+    train.train_and_evaluate(tiny_config(max_tasks=2), str(workdir), allow_config_change=True)
+  assert "max_tasks" in str(refused.value) and "\n" not in str(refused.value)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+  assert not (workdir / "damaged_checkpoints").exists()
+
+
 def test_keys_added_since_a_run_started_take_the_values_it_ran_with(tmp_path):
   started = tiny_config().to_dict()
   for key in ("feature_bn_statistics", "no_own_features_lr_factor", "cpu_devices"):

@@ -10,7 +10,6 @@ then DIR gets the report of mark_jax.report, mean ± std over the seeds):
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -72,19 +71,15 @@ def main(argv):
     jax.process_count(),
     jax.device_count(),
   )
-  try:
-    if _SEEDS.value:
-      try:
-        seeds = [int(seed) for seed in _SEEDS.value]
-      except ValueError:
-        raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
-      run_seeds(_CONFIG.value, _WORKDIR.value, seeds)
-    else:
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except errors.UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(error.exit_code)
+  if _SEEDS.value:
+    try:
+      seeds = [int(seed) for seed in _SEEDS.value]
+    except ValueError:
+      raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
+    run_seeds(_CONFIG.value, _WORKDIR.value, seeds)
+  else:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_or_exit(main, _CONFIG)

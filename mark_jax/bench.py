@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mark_jax import data as data_lib
-from mark_jax import metalearning, progress, train, xla
+from mark_jax import errors, metalearning, progress, train, xla
 from mark_jax import phases as phases_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -252,4 +252,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_or_exit(main, _CONFIG)

@@ -1,4 +1,8 @@
-"""Errors a user can act on. launch.py prints their message instead of a traceback."""
+"""Errors a user can act on, and `run_or_exit`: every command prints them as one line."""
+
+import sys
+
+from absl import app, flags
 
 
 class UserError(Exception):
@@ -39,3 +43,54 @@ class Interrupted(UserError):
   def __init__(self, message: str, signal_number: int):
     super().__init__(message)
     self.exit_code = 128 + signal_number
+
+
+def one_line(error: BaseException) -> str:
+  """An error's message as one line: the last line of a quoted traceback, without its type."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  last = lines[-1] if lines else type(error).__name__
+  name, colon, rest = last.partition(": ")
+  return rest if colon and name.isidentifier() and name.endswith(("Error", "Exception")) else last
+
+
+def _exit(message: str, status: int):
+  print(message, file=sys.stderr)
+  sys.exit(status)
+
+
+def run_or_exit(main, config_flag=None) -> None:
+  """absl's `app.run(main)`, with every mistake a user can make as one line on stderr.
+
+  Flag errors (an unknown flag or config key, a value of the wrong type) and errors of the
+  config file (missing, failing in get_config) exit with status 2, as does an
+  `app.UsageError` raised by `main`; a UserError raised by `main` exits with its own
+  `exit_code`.
+
+  Args:
+    main: the command's `main(argv)`.
+    config_flag: the command's ml_collections config flag, loaded while parsing (the file
+      is read lazily otherwise, so that its errors would surface as tracebacks later).
+  """
+
+  def parse(argv):
+    try:
+      remaining = flags.FLAGS(argv)
+      if config_flag is not None:
+        config_flag.value.keys()  # a config file that failed to load raises here
+    except AttributeError as error:  # ml_collections: an override of a key the config lacks
+      key = str(error).strip("\"'")
+      given = [arg for arg in argv if arg.startswith("--config.") and key in arg] or [key]
+      _exit(f"error: {given[0]}: the config has no key {key!r}", 2)
+    except Exception as error:  # absl, ml_collections and the config file raise their own.
+      _exit(f"error: {one_line(error)}", 2)
+    return remaining
+
+  def guarded_main(argv):
+    try:
+      main(argv)
+    except app.UsageError as error:
+      _exit(f"error: {error}", 2)
+    except UserError as error:
+      _exit(f"error: {error}", error.exit_code)
+
+  app.run(guarded_main, flags_parser=parse)

@@ -9,7 +9,6 @@ and writes WORKDIR/evaluation_task<N>.json.
 """
 
 import json
-import sys
 
 import jax
 import ml_collections
@@ -19,7 +18,7 @@ from etils import epath
 
 from mark_jax import checkpointing, progress, train
 from mark_jax import data as data_lib
-from mark_jax.errors import CheckpointError, UserError
+from mark_jax.errors import CheckpointError, run_or_exit
 
 _TASK = flags.DEFINE_integer(
   "task", None, "Checkpoint to evaluate: after this task (default: newest)."
@@ -86,11 +85,7 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m mark_jax.evaluate WORKDIR [--task N]")
   progress.quiet_logs(keep_own_info=False)
-  try:
-    result = evaluate(argv[1], _TASK.value, _DATA_DIR.value)
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(error.exit_code)
+  result = evaluate(argv[1], _TASK.value, _DATA_DIR.value)
   print(format_evaluation(result))
   if jax.process_index() == 0:
     path = epath.Path(argv[1]) / f"evaluation_task{result['task']}.json"
@@ -99,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_or_exit(main)

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import textwrap
 
 import matplotlib
@@ -31,7 +30,7 @@ from absl import app, flags
 
 from mark_jax import metrics
 from mark_jax import workdir as workdir_lib
-from mark_jax.errors import UserError
+from mark_jax.errors import UserError, run_or_exit
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -59,6 +58,8 @@ UNSET = object()
 
 class ReportError(UserError):
   """A WORKDIR or the command line cannot give a report."""
+
+  exit_code = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,14 +462,10 @@ def main(argv):
   if not workdirs:
     raise app.UsageError("give at least one WORKDIR")
   out_dir = _OUT.value or workdirs[0]
-  try:
-    table = build_report(workdirs, out_dir, _LABELS.value)
-  except ReportError as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
+  table = build_report(workdirs, out_dir, _LABELS.value)
   print(table)
   print(f"wrote accuracy_matrix.png, accuracy_over_time.png, report.md, report.json to {out_dir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_or_exit(main)

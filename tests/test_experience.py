@@ -116,6 +116,34 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
     ablations.get_config("no_such_ablation")
 
 
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (["launch.py", "--config", "configs/no_such.py"], "No such file or directory"),
+    (["launch.py", "--config", "configs/smoke.py", "--config.no_such_key=1"], "no key"),
+    (["launch.py", "--config", "configs/ablations.py:no_such_name"], "known: no_metalearning"),
+    (["launch.py", "--config", "configs/smoke.py", "--config.epochs=abc"], "--config.epochs=abc"),
+    (["launch.py", "--config", "configs/smoke.py", "--seeds=a,b"], "not integers"),
+    (["launch.py", "--config", "configs/smoke.py", "extra"], "unexpected arguments"),
+    (["-m", "mark_jax.bench", "--config", "configs/nope.py"], "No such file or directory"),
+    (["-m", "mark_jax.bench", "--config", "configs/smoke.py", "--config.nope=1"], "no key"),
+    (["-m", "mark_jax.evaluate", "--task=x", "/tmp"], "--task"),
+    (["-m", "mark_jax.report"], "give at least one WORKDIR"),
+  ],
+)
+def test_command_line_mistakes_end_in_one_line_and_exit_2(args, expected, tmp_path):
+  if args[0] == "launch.py":
+    args = [*args, "--workdir", str(tmp_path / "run")]
+  result = subprocess.run(
+    [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  assert len(lines) == 1 and expected in lines[0], result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", [["launch.py"], ["-m", "mark_jax.evaluate"]])
 def test_help_explains_the_flags(command):
   result = subprocess.run(

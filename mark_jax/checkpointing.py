@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mark_jax import metrics
 from mark_jax import workdir as workdir_lib
 from mark_jax.errors import CheckpointError, WorkdirError
 
@@ -31,7 +32,7 @@ def manager(directory) -> ocp.CheckpointManager:
   Args:
     directory: a local path (made absolute) or a cloud URL such as gs://bucket/run.
   """
-  if "://" not in str(directory):
+  if workdir_lib.is_local(directory):
     directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(
     max_to_keep=None, create=True, enable_async_checkpointing=False
@@ -63,10 +64,9 @@ def save(
   `wall_seconds`, the run's wall time up to this checkpoint (None: unknown), lets a resumed
   run report its whole wall time.
   """
-  matrix = [[None if np.isnan(v) else float(v) for v in row] for row in accuracy_matrix]
   metadata = {
     "task": task,
-    "accuracy_matrix": matrix,
+    "accuracy_matrix": metrics.matrix_to_json(accuracy_matrix),
     "state_sha256": state_digest(state),
     "wall_seconds": wall_seconds,
   }

@@ -48,7 +48,6 @@ class TaskData:
 class Benchmark:
   """A dataset cut into tasks, with what the model needs to know about it."""
 
-  name: str
   tasks: list[TaskData]
   image_size: int
   classes_per_task: int
@@ -346,7 +345,6 @@ def load_benchmark(config) -> Benchmark:
         f"{where}: --config.validation_fraction={config.validation_fraction} holds out no image"
       )
   return Benchmark(
-    name=config.dataset,
     tasks=tasks,
     image_size=int(train.images.shape[1]),
     classes_per_task=config.classes_per_task,
@@ -379,8 +377,9 @@ def stack_splits(splits: list[Split], multiple: int) -> dict[str, np.ndarray]:
   return {"image": images, "label": labels, "weight": weights}
 
 
-# Local copies that `prepare` turns into TFDS datasets: our name -> TFDS builder name.
-PREPARABLE = {"cifar100": "mark_cifar100", "miniimagenet": "mark_miniimagenet"}
+# Local copies that `prepare` turns into TFDS datasets: our name -> builder class in
+# mark_jax.tfds_builders (imported only when preparing: it loads tensorflow_datasets).
+PREPARABLE = {"cifar100": "MarkCifar100", "miniimagenet": "MarkMiniimagenet"}
 
 
 def prepare(dataset: str, source: str, data_dir: str | None, verify_md5: bool = True) -> str:
@@ -403,10 +402,7 @@ def prepare(dataset: str, source: str, data_dir: str | None, verify_md5: bool = 
 
   from mark_jax import tfds_builders
 
-  builder_class = {
-    "cifar100": tfds_builders.MarkCifar100,
-    "miniimagenet": tfds_builders.MarkMiniimagenet,
-  }[dataset]
+  builder_class = getattr(tfds_builders, PREPARABLE[dataset])
   source_path = os.path.abspath(source)
   if not os.path.exists(source_path):
     raise DataError(f"{source}: no such file or directory")

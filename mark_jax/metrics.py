@@ -25,11 +25,18 @@ def forgetting(acc: np.ndarray) -> list[float]:
   return [float(np.max(acc[u:-1, u]) - acc[-1, u]) for u in range(num_tasks - 1)]
 
 
+def matrix_to_json(acc: np.ndarray) -> list[list[float | None]]:
+  """The matrix as nested lists, None for NaN (not yet measured)."""
+  return [[None if np.isnan(v) else float(v) for v in row] for row in acc]
+
+
 def summarize(acc: np.ndarray, tasks_completed: int) -> dict:
   """JSON-ready results of the first `tasks_completed` tasks of the (T, T) matrix."""
   seen = acc[:tasks_completed, :tasks_completed]
-  matrix = [[None if np.isnan(v) else float(v) for v in row] for row in acc[:tasks_completed]]
-  summary = {"accuracy_matrix": matrix, "tasks_completed": tasks_completed}
+  summary = {
+    "accuracy_matrix": matrix_to_json(acc[:tasks_completed]),
+    "tasks_completed": tasks_completed,
+  }
   if tasks_completed:
     summary.update(
       acc=average_accuracy(seen),

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mark_jax import validation
+
 Masks = tuple[jax.Array, ...]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -56,8 +58,9 @@ def resolve_conv_impl(conv_impl: str) -> str:
   """
   if conv_impl == "auto":
     return "patches" if jax.default_backend() == "cpu" else "native"
-  if conv_impl not in ("native", "patches"):
-    raise ValueError(f"conv_impl must be 'auto', 'native' or 'patches', got {conv_impl!r}")
+  if conv_impl not in validation.CONV_IMPLS:
+    allowed = ", ".join(("auto", *validation.CONV_IMPLS))
+    raise ValueError(f"conv_impl must be one of {allowed}, got {conv_impl!r}")
   return conv_impl
 
 
@@ -222,26 +225,23 @@ def ones_masks(batch: int, channels: Sequence[int]) -> Masks:
 
 
 class Networks:
-  """The four module definitions of one MARK configuration, shapes from the input size.
-
-  Kernel sizes follow the authors: input_size // 8, input_size // 10, then 2 for the KB;
-  input_size // 8, input_size // 10 for F^t.
-  """
+  """The four module definitions of one MARK configuration, kernel sides from the input
+  size (validation.kernel_sizes)."""
 
   def __init__(self, model_config: Any, image_size: int, num_classes: int):
-    first, second = image_size // 8, image_size // 10
+    kb_kernels, feature_kernels = validation.kernel_sizes(image_size)
     conv_impl = resolve_conv_impl(model_config.conv_impl)
     self.kb_channels = tuple(model_config.kb_channels)
     self.knowledge_base = KnowledgeBase(
       channels=self.kb_channels,
-      kernel_sizes=(first, second, 2),
+      kernel_sizes=kb_kernels,
       latent_dim=model_config.latent_dim,
       dropout_rate=model_config.dropout_rate,
       conv_impl=conv_impl,
     )
     self.feature_extractor = FeatureExtractor(
       channels=tuple(model_config.feature_channels),
-      kernel_sizes=(first, second),
+      kernel_sizes=feature_kernels,
       feature_dim=model_config.latent_dim,
       conv_impl=conv_impl,
     )

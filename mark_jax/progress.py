@@ -8,7 +8,7 @@ import time
 from absl import logging
 from tqdm import tqdm
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
 def quiet_logs(keep_own_info: bool = True) -> None:
@@ -17,14 +17,16 @@ def quiet_logs(keep_own_info: bool = True) -> None:
   Warnings and errors always pass. Call after absl has parsed flags (inside `main`).
 
   Args:
-    keep_own_info: keep the INFO lines of mark_jax and launch.py (else only warnings).
+    keep_own_info: keep the INFO lines of mark_jax and of the command's own script (such as
+      launch.py), else only warnings.
   """
+  main_script = os.path.realpath(sys.argv[0])
 
   def keep(record) -> bool:
     if record.levelno >= std_logging.WARNING:
       return True
-    own = record.pathname.startswith(PACKAGE_DIR) or record.pathname.endswith("launch.py")
-    return keep_own_info and own
+    path = os.path.realpath(record.pathname)
+    return keep_own_info and (path.startswith(PACKAGE_DIR) or path == main_script)
 
   logging.get_absl_handler().addFilter(keep)
 

@@ -2,7 +2,8 @@
 
 `validate(config)` returns one line per problem, naming the key as it is typed on the command
 line, the bad value and what is allowed, e.g. `--config.batch_size=0: must be a positive
-integer`. `check_or_exit(config)` prints them and exits with status 2.
+integer`. The network's shape rule (`kernel_sizes`) and the convolution forms live here too,
+so that mark_jax.models and the checks read one definition.
 
 Two tables hold the rules: `FIELD_RULES` check one value each; `CONSISTENCY_RULES` check a key
 against other keys and the dataset's facts (class count, training images per class, image
@@ -13,7 +14,6 @@ a rule, add a row. Only the standard library is imported here.
 import dataclasses
 import math
 import numbers
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,17 +26,28 @@ SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2**32.
 # Network shapes (mark_jax.models.Networks).
 
 
+CONV_IMPLS = ("native", "patches")
+
+
+def kernel_sizes(image_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Kernel sides of the KB's and F^t's convolutions, as the authors size them.
+
+  Returns:
+    (KB: image_size // 8, image_size // 10, 2; F^t: image_size // 8, image_size // 10).
+  """
+  first, second = image_size // 8, image_size // 10
+  return (first, second, 2), (first, second)
+
+
 def network_fits(image_size: int) -> bool:
   """Whether every spatial size of the KB and the feature extractor stays >= 1.
 
-  Kernels are image_size // 8 and image_size // 10 (then 2 in the KB); each VALID conv is
-  followed by a 2x2 max-pool that drops odd edges.
+  Each VALID conv (sides from `kernel_sizes`) is followed by a 2x2 max-pool that drops odd
+  edges.
   """
-  first, second = image_size // 8, image_size // 10
-  knowledge_base, feature_extractor = (first, second, 2), (first, second)
-  for kernel_sizes in (knowledge_base, feature_extractor):
+  for sizes in kernel_sizes(image_size):
     side = image_size
-    for kernel in kernel_sizes:
+    for kernel in sizes:
       if kernel < 1:
         return False
       side = (side - kernel + 1) // 2
@@ -230,7 +241,7 @@ FIELD_RULES = (
   FieldRule("dropout_rate", unit_interval),
   FieldRule("mask_activation", one_of(("relu", "sigmoid"))),
   FieldRule("mask_bias_init", optional_float),
-  FieldRule("conv_impl", one_of(("auto", "native", "patches"))),
+  FieldRule("conv_impl", one_of(("auto", *CONV_IMPLS))),
   FieldRule("feature_bn_statistics", one_of(("running", "recomputed", "batch")), default="running"),
   # SGD phases.
   FieldRule("batch_size", positive_int),
@@ -465,14 +476,3 @@ def validate(config: Any) -> list[str]:
       problems.append(_line(rule.key, values[rule.key], message))
       bad_keys.add(rule.key)
   return problems
-
-
-def check_or_exit(config: Any) -> None:
-  """Prints the config's problems to stderr and exits with status 2 when there are any."""
-  problems = validate(config)
-  if not problems:
-    return
-  print(f"error: the config has {len(problems)} problem(s):", file=sys.stderr)
-  for problem in problems:
-    print(f"  {problem}", file=sys.stderr)
-  raise SystemExit(2)

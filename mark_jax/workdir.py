@@ -35,7 +35,8 @@ CHANGEABLE_KEYS = frozenset(
 FORCE_FLAG = "--allow_config_change"
 
 
-def is_local(path: epath.Path) -> bool:
+def is_local(path) -> bool:
+  """Whether `path` is on this machine (not a cloud URL such as gs://bucket/run)."""
   return "://" not in str(path)
 
 

@@ -125,6 +125,10 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
     (["launch.py", "--config", "configs/smoke.py", "--config.epochs=abc"], "--config.epochs=abc"),
     (["launch.py", "--config", "configs/smoke.py", "--seeds=a,b"], "not integers"),
     (["launch.py", "--config", "configs/smoke.py", "extra"], "unexpected arguments"),
+    (
+      ["launch.py", "--config", "configs/smoke.py", "--config.epochs=0", "--config.batch_size=-1"],
+      "--config.batch_size=-1: must be a positive integer",
+    ),
     (["-m", "mark_jax.bench", "--config", "configs/nope.py"], "No such file or directory"),
     (["-m", "mark_jax.bench", "--config", "configs/smoke.py", "--config.nope=1"], "no key"),
     (["-m", "mark_jax.evaluate", "--task=x", "/tmp"], "--task"),
@@ -140,7 +144,7 @@ def test_command_line_mistakes_end_in_one_line_and_exit_2(args, expected, tmp_pa
   lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr
-  assert len(lines) == 1 and expected in lines[0], result.stderr
+  assert len(lines) == 1 and expected in result.stderr, result.stderr
   assert not (tmp_path / "run").exists()
 
 

@@ -237,24 +237,6 @@ def test_several_bad_values_give_all_their_lines():
   ]
 
 
-def test_check_or_exit_prints_problems_and_exits_2(capsys):
-  config = with_values(smoke.get_config(), epochs=0, mask_activation="tanh")
-  with pytest.raises(SystemExit) as exit_info:
-    validation.check_or_exit(config)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.splitlines()
-  assert err == [
-    "error: the config has 2 problem(s):",
-    "  --config.mask_activation='tanh': must be one of: relu, sigmoid",
-    "  --config.epochs=0: must be a positive integer",
-  ]
-
-
-def test_check_or_exit_is_silent_on_a_valid_config(capsys):
-  assert validation.check_or_exit(smoke.get_config()) is None
-  assert capsys.readouterr().err == ""
-
-
 def test_import_is_light():
   import subprocess
   import sys

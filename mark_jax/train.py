@@ -136,11 +136,11 @@ class Trainer:
 
   def device_data(self, task: data_lib.TaskData) -> dict:
     """A task's training images on the devices, and its validation split padded for evaluation."""
-    validation = data_lib.stack_splits([task.validation], self.config.eval_batch_size)
+    held_out = data_lib.stack_splits([task.validation], self.config.eval_batch_size)
     on_device = {
       "train_image": task.train.images,
       "train_label": task.train.labels,
-      "validation": tuple(validation[k][0] for k in ("image", "label", "weight")),
+      "validation": tuple(held_out[k][0] for k in ("image", "label", "weight")),
     }
     return parallel.replicate(on_device, self.mesh)
 
@@ -198,8 +198,7 @@ class Trainer:
     return state["params"], state["model_state"]
 
   def validation_accuracy(self, model, data, use_masks) -> float:
-    validation = data["validation"]
-    return float(self.accuracy(model, *validation, use_masks))
+    return float(self.accuracy(model, *data["validation"], use_masks))
 
   def phase_inputs(self, name, model, rng=None):
     """Splits a model dict (KB + one task's F/M/C) for phase `name`.

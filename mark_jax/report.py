@@ -28,7 +28,7 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from mark_jax import metrics
+from mark_jax import metrics, validation
 from mark_jax import workdir as workdir_lib
 from mark_jax.errors import UserError, run_or_exit
 
@@ -170,10 +170,13 @@ def _parse_accuracy_matrix(rows, path: str) -> np.ndarray:
 
 
 def variant(config: dict) -> dict:
-  """The flattened config without the keys that do not change what a run computes."""
-  return {
-    k: v for k, v in workdir_lib.flatten_config(config).items() if k not in IGNORED_CONFIG_KEYS
-  }
+  """The flattened config without the keys that do not change what a run computes.
+
+  A key the run's config lacks (added to the code after it ran) counts as the value that
+  run used (validation.MISSING_KEY_VALUES), as when a workdir resumes.
+  """
+  flat = {**validation.MISSING_KEY_VALUES, **workdir_lib.flatten_config(config)}
+  return {k: v for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
 
 
 def group_runs(runs: list[Run], labels: list[str] | None = None) -> list[Group]:

@@ -104,6 +104,19 @@ def test_variants_form_groups_labelled_by_the_differing_key(tmp_path):
   assert summaries["use_masks=False"]["seeds"] == [48]
 
 
+def test_a_key_added_after_a_run_counts_as_the_value_it_ran_with(tmp_path):
+  before = _write_run(tmp_path / "before", THREE_TASKS, _config(48))  # no such key then
+  running = _write_run(
+    tmp_path / "running", THREE_TASKS, _config(49, feature_bn_statistics="running")
+  )
+  recomputed = _write_run(
+    tmp_path / "recomputed", THREE_TASKS, _config(48, feature_bn_statistics="recomputed")
+  )
+  _, _, summaries = _report(tmp_path, [before, running, recomputed])
+  assert list(summaries) == ["feature_bn_statistics=running", "feature_bn_statistics=recomputed"]
+  assert summaries["feature_bn_statistics=running"]["seeds"] == [48, 49]
+
+
 def test_nested_config_keys_label_groups_by_dotted_name(tmp_path):
   six = _write_run(tmp_path / "six", THREE_TASKS, _config(synthetic={"num_classes": 6, "seed": 0}))
   ten = _write_run(tmp_path / "ten", THREE_TASKS, _config(synthetic={"num_classes": 10, "seed": 0}))

@@ -9,11 +9,11 @@ optimisers with a short budget, at batch 32 instead of 128.
 
 Step sizes suit the batch: the paper's learning rates are for batch 128, so both SGD
 learning rates are scaled by 32/128 (the linear scaling rule), and the mask generator
-starts near identity masks (mask bias 1.0, as in README's fidelity runs) so that the masks
+starts near identity masks (mask bias 1.0, as in the fidelity runs) so that the masks
 need not grow out of zero. Run at the paper's step sizes with the default initialisation,
 masks grew to 18-27 on these separable 2-class tasks and the inner loop diverged on the
 authors' own seeds; `python scripts/digits_robustness.py` checks the margin of this
-config over many seeds and its neighbours (README, "Out-of-the-box run").
+config over many seeds and its neighbours (docs/results.md, "Out-of-the-box run").
 """
 
 from configs import cifar100

@@ -1,8 +1,8 @@
 r"""Real MiniImageNet resized to 32x32, CIFAR-100 network and hyperparameters, short budget.
 
-The CPU fidelity protocol of README's results table: 20 tasks of 5 classes, every
-training phase 5 epochs, one metalearning round of 5 mini-tasks x 20 inner steps;
-everything else as configs/cifar100.py (15% validation).
+The CPU fidelity protocol of the results table (README, docs/results.md): 20 tasks of 5
+classes, every training phase 5 epochs, one metalearning round of 5 mini-tasks x 20 inner
+steps; everything else as configs/cifar100.py (15% validation).
 
 Prepare the data once (README, "Real data"), then run:
   python launch.py --config configs/miniimagenet32_cpu.py --workdir /tmp/mi32 \

@@ -8,8 +8,8 @@ Data flow for an image x of task t:
   logits   = Head^t(latent)                 # C^t
 
 Every layer is initialised as PyTorch initialises it (uniform in +-1/sqrt(fan_in) for
-weights and biases), so that a fresh model behaves like the authors' one; README
-("Results") shows that this matters for the masks.
+weights and biases), so that a fresh model behaves like the authors' one; docs/results.md
+shows that this matters for the masks.
 """
 
 from collections.abc import Sequence

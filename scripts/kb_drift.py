@@ -2,7 +2,7 @@
 
 Usage (from the repository root): python -m scripts.kb_drift WORKDIR [WORKDIR ...]
 
-Reads the checkpoints after the first and the last finished task (README, "Results":
+Reads the checkpoints after the first and the last finished task (docs/results.md:
 metalearning barely moves the KB on the CPU fidelity protocol, plain SGD moves it far).
 """
 

@@ -10,8 +10,8 @@ own accuracy, so the first N tasks of a 20-task run compare with an N-task run.
 
 Usage (from the repository root):
   python scripts/paired_first_tasks.py --tasks 10 \
-    "running=results/miniimagenet32_cpu/kb_frozen_after_task0_seed*/results.json" \
-    "recomputed=results/bn_modes/recomputed_seed*/results.json"
+    "running=results/miniimagenet32_cpu/kb_frozen_after_task0_bn_running_seed*/results.json" \
+    "recomputed=results/miniimagenet32_cpu_first10/kb_frozen_bn_recomputed_10tasks_seed*/results.json"
 """
 
 import argparse

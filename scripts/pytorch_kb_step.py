@@ -2,7 +2,7 @@
 
 Needs torch (not in requirements.txt). Compare its time with the kb_pretrain step of
 `python -m mark_jax.bench` (the same network and optimiser, all-ones masks) run in the same
-minute: README, "Speed".
+minute: docs/performance.md.
 """
 
 import time

@@ -1,5 +1,6 @@
 """Progress of a run: a tqdm bar per phase on a terminal, plain log lines elsewhere."""
 
+import functools
 import logging as std_logging
 import os
 import sys
@@ -22,11 +23,15 @@ def quiet_logs(keep_own_info: bool = True) -> None:
   """
   main_script = os.path.realpath(sys.argv[0])
 
+  @functools.cache
+  def is_own(pathname: str) -> bool:  # a few source files log; resolve each path once
+    path = os.path.realpath(pathname)
+    return path.startswith(PACKAGE_DIR) or path == main_script
+
   def keep(record) -> bool:
     if record.levelno >= std_logging.WARNING:
       return True
-    path = os.path.realpath(record.pathname)
-    return keep_own_info and (path.startswith(PACKAGE_DIR) or path == main_script)
+    return keep_own_info and is_own(record.pathname)
 
   logging.get_absl_handler().addFilter(keep)
 

@@ -28,7 +28,7 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from mark_jax import metrics, validation
+from mark_jax import metrics
 from mark_jax import workdir as workdir_lib
 from mark_jax.errors import UserError, run_or_exit
 
@@ -173,9 +173,9 @@ def variant(config: dict) -> dict:
   """The flattened config without the keys that do not change what a run computes.
 
   A key the run's config lacks (added to the code after it ran) counts as the value that
-  run used (validation.MISSING_KEY_VALUES), as when a workdir resumes.
+  run used, as when a workdir resumes (workdir.flatten_as_run).
   """
-  flat = {**validation.MISSING_KEY_VALUES, **workdir_lib.flatten_config(config)}
+  flat = workdir_lib.flatten_as_run(config)
   return {k: v for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
 
 

@@ -91,12 +91,18 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
   return flat
 
 
+def flatten_as_run(config: dict) -> dict:
+  """A run's saved config flattened, each key it lacks (added to the code after the run
+  started) set to the value that run used (MISSING_KEY_VALUES)."""
+  return {**MISSING_KEY_VALUES, **flatten_config(config)}
+
+
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
   """(key, saved value, current value) for every key that differs, changeable keys aside.
 
-  A key that `saved` lacks counts as the value its run used (MISSING_KEY_VALUES).
+  A key that `saved` lacks counts as the value its run used (flatten_as_run).
   """
-  saved, current = {**MISSING_KEY_VALUES, **flatten_config(saved)}, flatten_config(current)
+  saved, current = flatten_as_run(saved), flatten_config(current)
   return [
     (key, saved.get(key, "<absent>"), current.get(key, "<absent>"))
     for key in sorted(set(saved) | set(current))

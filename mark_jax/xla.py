@@ -1,7 +1,7 @@
 """How many devices XLA makes of a host CPU.
 
-Two XLA host devices instead of one ran a metalearning round about 10% faster on our
-2-core CPU (docs/performance.md): the mesh then runs half of the mini-tasks (and half of each
+Two XLA host devices instead of one ran a metalearning round faster on our 2-core CPU
+(docs/performance.md): the mesh then runs half of the mini-tasks (and half of each
 batch) on each. Results move by float rounding only.
 """
 

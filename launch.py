@@ -14,7 +14,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mark_jax import errors, progress, train, xla
+from mark_jax import train
+from mark_jax.runtime import devices, errors, logs
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py); override its keys as --config.key=value."
@@ -57,10 +58,10 @@ def run_seeds(config, workdir: str, seeds: list[int]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  progress.quiet_logs()
+  logs.quiet_logs()
   import jax  # After flag parsing, so --help stays fast.
 
-  xla.set_cpu_devices(_CONFIG.value.cpu_devices)
+  devices.set_cpu_devices(_CONFIG.value.cpu_devices)
   if _CONFIG.value.distributed:
     jax.distributed.initialize()
   logging.info(

@@ -25,8 +25,9 @@ ABLATIONS = {
 
 def get_config(ablation: str = ""):
   if ablation not in ABLATIONS:
+    given = f"no ablation {ablation!r}" if ablation else "no ablation named"
     raise ValueError(
-      f"name an ablation after the file, e.g. configs/ablations.py:no_metalearning; "
+      f"{given}: name one after the file, e.g. configs/ablations.py:no_metalearning; "
       f"known: {', '.join(ABLATIONS)}"
     )
   config = cifar100.get_config()

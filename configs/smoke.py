@@ -4,7 +4,7 @@ Run (under 2 minutes on a 2-core CPU):
   python launch.py --config configs/smoke.py --workdir /tmp/mark_smoke
 
 It exercises every phase of configs/cifar100.py at a fraction of the cost; the data are
-generated from a seed (mark_jax.data.synthetic_splits), so no download is needed.
+generated from a seed (mark_jax.data.datasets.synthetic_splits), so no download is needed.
 """
 
 from configs import cifar100

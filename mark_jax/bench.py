@@ -22,9 +22,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mark_jax import data as data_lib
-from mark_jax import errors, metalearning, progress, train, xla
+from mark_jax import mark, metalearning, state
 from mark_jax import phases as phases_lib
+from mark_jax.data import datasets, facts
+from mark_jax.data.tasks import TaskData
+from mark_jax.models import normalize
+from mark_jax.runtime import devices, errors, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _JSON = flags.DEFINE_string("json", "bench.json", "Where to write the results as JSON.")
@@ -32,14 +35,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each compiled epoch
 _TIME_TASK = flags.DEFINE_bool("time_task", True, "Run tasks 0 and 1 and time task 1 whole.")
 flags.mark_flags_as_required(["config"])
 
-IMAGE_SIZES = {"cifar100": 32, "miniimagenet": 84}
 PHASES = ("feature_extractor", "kb_pretrain", "masks", "kb_sgd")
 
 
 def synthetic_config(config):
   """The config on synthetic data of its dataset's shape: 2 tasks, 500 train/100 test per class."""
   config = config.copy_and_resolve_references()
-  size = IMAGE_SIZES.get(config.dataset, config.synthetic.image_size)
+  known = facts.FACTS.get(config.dataset)
+  size = known.image_size if known else config.synthetic.image_size
   config.dataset = "synthetic"
   config.max_tasks = 0
   config.synthetic.update(
@@ -79,7 +82,7 @@ def _flops(fn, *args) -> float:
   return float(jax.jit(fn).lower(*cpu_args).compile().cost_analysis()["flops"])
 
 
-def _batch(task: data_lib.TaskData, batch_size: int) -> dict:
+def _batch(task: TaskData, batch_size: int) -> dict:
   return {
     "image": jnp.asarray(task.train.images[:batch_size]),
     "label": jnp.asarray(task.train.labels[:batch_size]),
@@ -98,34 +101,40 @@ def peak_memory() -> tuple[int, str]:
 def run(config, repeats: int, time_task: bool) -> dict:
   """Measures everything the module docstring lists; returns a JSON-ready dict."""
   config = synthetic_config(config)
-  benchmark = data_lib.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
+  benchmark = datasets.load_benchmark(config)
+  programs = mark.build_programs(config, benchmark)
   native_config = config.copy_and_resolve_references()
   native_config.conv_impl = "native"
-  native = train.Trainer(native_config, benchmark)
-  state = trainer.init_state(len(benchmark.tasks))
+  native = mark.build_programs(native_config, benchmark)  # counts the model's FLOPs
+  run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   task = benchmark.tasks[1]
-  data = trainer.device_data(task)
-  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
+  data = mark.device_data(config, programs.mesh, task)
+  model = {
+    **state.task_slot(run_state["tasks"], 1),
+    "knowledge_base": run_state["knowledge_base"],
+  }
   num_train, batch = len(task.train), _batch(task, config.batch_size)
   steps_per_epoch = -(-num_train // config.batch_size)
   rng = jax.random.PRNGKey(0)
   results = {
     "device": str(jax.devices()[0]),
     "backend": jax.default_backend(),
-    "conv_impl": trainer.nets.knowledge_base.conv_impl,
+    "conv_impl": programs.nets.knowledge_base.conv_impl,
     "train_examples_per_task": num_train,
     "batch_size": config.batch_size,
     "phases": {},
   }
 
   for name in PHASES:
-    phase = trainer.phases[name]
-    params, frozen, model_state = trainer.phase_inputs(name, model, rng)
+    phase = programs.phases[name]
+    if name == "feature_extractor":
+      params, frozen, model_state = mark.feature_phase_inputs(programs.nets, model, rng)
+    else:
+      params, frozen, model_state = mark.phase_inputs(phase, model)
     donated = jax.tree.map(jnp.copy, phases_lib.init_state(phase, params, model_state))
     args = (donated, frozen, data["train_image"])
     args = (*args, data["train_label"], rng)
-    compiled, compile_s = _compile(trainer.epoch_fns[name], args)
+    compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
     epoch_s = float(np.median(_time(compiled, args, repeats)))
     step = functools.partial(phases_lib.train_step, native.phases[name])
@@ -142,13 +151,13 @@ def run(config, repeats: int, time_task: bool) -> dict:
     }
 
   task_vars = {k: v for k, v in model.items() if k != "knowledge_base"}
-  kb = jax.tree.map(jnp.copy, state["knowledge_base"])
+  kb = jax.tree.map(jnp.copy, run_state["knowledge_base"])
   args = (kb, task_vars, data["train_image"], data["train_label"], rng)
-  compiled, compile_s = _compile(trainer.meta_round, args)
+  compiled, compile_s = _compile(programs.meta_round, args)
   round_s = float(np.median(_time(compiled, args, repeats)))
   init_inner, inner_step = metalearning.make_inner_step(native.nets, config)
-  params = {"knowledge_base": state["knowledge_base"], "head": model["head"]}
-  images = data_lib.normalize(batch["image"], benchmark.mean, benchmark.std)
+  params = {"knowledge_base": run_state["knowledge_base"], "head": model["head"]}
+  images = normalize(batch["image"], benchmark.mean, benchmark.std)
   masks = native.nets.masks(model, images, config.use_masks)
   inner_flops = _flops(inner_step, params, init_inner(params), images, batch["label"], masks, rng)
   round_flops = inner_flops * config.mini_tasks * config.inner_steps
@@ -170,7 +179,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
   pretrain_gflop = config.epochs * epoch_gflop["kb_pretrain"] if config.pretrain_kb else 0.0
   results["model_gflop_kb_pretrain"] = pretrain_gflop  # task 0 only
   if time_task:
-    results["seconds_per_task"] = _time_one_task(trainer, benchmark, config)
+    results["seconds_per_task"] = _time_one_task(mark.Run(config, programs), benchmark)
   results["peak_memory_bytes"], results["peak_memory_kind"] = peak_memory()
   results["config"] = config.to_dict()
   return results
@@ -196,15 +205,21 @@ def per_task(config, per_epoch: dict, per_round: float) -> float:
   return config.epochs * (per_epoch["feature_extractor"] + 2 * per_epoch["masks"]) + kb_update
 
 
-def _time_one_task(trainer: train.Trainer, benchmark, config) -> float:
-  """Wall time of task 1 (all five phases + evaluation), after task 0 compiled everything."""
-  state = trainer.init_state(len(benchmark.tasks))
-  test = trainer.device_test_data(benchmark.tasks)
-  state = trainer.train_task(0, state, benchmark.tasks[0])
-  jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+def _time_one_task(run: mark.Run, benchmark) -> float:
+  """Wall time of task 1 (all five steps + evaluation), after task 0 compiled everything."""
+  config, programs = run.config, run.programs
+  run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
+  test = mark.device_test_data(config, programs.mesh, benchmark.tasks)
+
+  def train_and_test(t, run_state):
+    run_state = mark.train_task(run, t, run_state, benchmark.tasks[t])
+    kb, tasks = run_state["knowledge_base"], run_state["tasks"]
+    jax.block_until_ready(programs.evaluate_all(kb, tasks, test))
+    return run_state
+
+  run_state = train_and_test(0, run_state)
   start = time.perf_counter()
-  state = trainer.train_task(1, state, benchmark.tasks[1])
-  jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+  train_and_test(1, run_state)
   return time.perf_counter() - start
 
 
@@ -242,8 +257,8 @@ def format_table(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  progress.quiet_logs(keep_own_info=False)
-  xla.set_cpu_devices(_CONFIG.value.cpu_devices)
+  logs.quiet_logs(keep_own_info=False)
+  devices.set_cpu_devices(_CONFIG.value.cpu_devices)
   results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value)
   print(format_table(results))
   with open(_JSON.value, "w") as f:

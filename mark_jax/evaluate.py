@@ -16,9 +16,11 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mark_jax import checkpointing, progress, train
-from mark_jax import data as data_lib
-from mark_jax.errors import CheckpointError, run_or_exit
+from mark_jax import mark, state
+from mark_jax.data import datasets
+from mark_jax.models import Networks
+from mark_jax.runtime import checkpointing, logs
+from mark_jax.runtime.errors import CheckpointError, run_or_exit
 
 _TASK = flags.DEFINE_integer(
   "task", None, "Checkpoint to evaluate: after this task (default: newest)."
@@ -57,12 +59,14 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
     task = mngr.latest_step()
     if task is None:
       raise CheckpointError(f"{workdir} has no checkpoint yet")
-  benchmark = data_lib.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
-  num_tasks = len(benchmark.tasks)
-  state, matrix, _ = checkpointing.restore(mngr, task, trainer.abstract_state(num_tasks))
-  test = trainer.device_test_data(benchmark.tasks)
-  accuracy = np.asarray(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+  benchmark = datasets.load_benchmark(config)
+  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
+  mesh = mark.make_mesh(config)
+  abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
+  run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
+  test = mark.device_test_data(config, mesh, benchmark.tasks)
+  evaluate_all = mark.make_evaluate_all(nets, config, benchmark.mean, benchmark.std)
+  accuracy = np.asarray(evaluate_all(run_state["knowledge_base"], run_state["tasks"], test))
   return {
     "workdir": str(workdir),
     "task": task,
@@ -84,7 +88,7 @@ def format_evaluation(result: dict) -> str:
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m mark_jax.evaluate WORKDIR [--task N]")
-  progress.quiet_logs(keep_own_info=False)
+  logs.quiet_logs(keep_own_info=False)
   result = evaluate(argv[1], _TASK.value, _DATA_DIR.value)
   print(format_evaluation(result))
   if jax.process_index() == 0:

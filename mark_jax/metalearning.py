@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mark_jax import data as data_lib
-from mark_jax.models import Networks
+from mark_jax.models import Networks, normalize
 from mark_jax.phases import all_finite, first_nonfinite, global_norm_clip, sgd
 
 
@@ -163,7 +162,7 @@ def make_meta_round(
     needed = num_batches * batch_size
     order = jax.random.permutation(order_key, labels.shape[0])
     order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
-    x, y = shard_mini_tasks((data_lib.normalize(images[order], mean, std), labels[order]))
+    x, y = shard_mini_tasks((normalize(images[order], mean, std), labels[order]))
     model = {**task, "knowledge_base": knowledge_base}
     batch_stats = model["feature_extractor"]["batch_stats"]
     masks = jax.vmap(

@@ -20,10 +20,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mark_jax import validation
+from mark_jax import shapes
 
 Masks = tuple[jax.Array, ...]
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def normalize(images: jnp.ndarray, mean, std) -> jnp.ndarray:
+  """uint8 images -> float32, scaled to [0, 1] then standardised per channel."""
+  images = images.astype(jnp.float32) / 255.0
+  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
@@ -58,8 +64,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
   """
   if conv_impl == "auto":
     return "patches" if jax.default_backend() == "cpu" else "native"
-  if conv_impl not in validation.CONV_IMPLS:
-    allowed = ", ".join(("auto", *validation.CONV_IMPLS))
+  if conv_impl not in shapes.CONV_IMPLS:
+    allowed = ", ".join(("auto", *shapes.CONV_IMPLS))
     raise ValueError(f"conv_impl must be one of {allowed}, got {conv_impl!r}")
   return conv_impl
 
@@ -226,10 +232,10 @@ def ones_masks(batch: int, channels: Sequence[int]) -> Masks:
 
 class Networks:
   """The four module definitions of one MARK configuration, kernel sides from the input
-  size (validation.kernel_sizes)."""
+  size (shapes.kernel_sizes)."""
 
   def __init__(self, model_config: Any, image_size: int, num_classes: int):
-    kb_kernels, feature_kernels = validation.kernel_sizes(image_size)
+    kb_kernels, feature_kernels = shapes.kernel_sizes(image_size)
     conv_impl = resolve_conv_impl(model_config.conv_impl)
     self.kb_channels = tuple(model_config.kb_channels)
     self.knowledge_base = KnowledgeBase(

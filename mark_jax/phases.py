@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mark_jax import data as data_lib
-from mark_jax.models import Networks
+from mark_jax.models import Networks, normalize
 
 # loss_fn(params, model_state, frozen, batch, rng) -> (loss, (correct, model_state))
 LossFn = Callable
@@ -178,11 +177,11 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
 
 def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
   """MARK's gradient-descent phases with the config's optimisers."""
-  normalize = functools.partial(data_lib.normalize, mean=mean, std=std)
+  standardize = functools.partial(normalize, mean=mean, std=std)
 
   def feature_loss(params, batch_stats, frozen, batch, rng):
     del frozen, rng
-    images = normalize(batch["image"])
+    images = standardize(batch["image"])
     features, updates = nets.feature_extractor.apply(
       {"params": params["feature_extractor"], "batch_stats": batch_stats},
       images,
@@ -196,7 +195,7 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
 
   def masked_model_loss(use_masks, params, model_state, frozen, batch, rng):
     model = {**frozen, **params}
-    images = normalize(batch["image"])
+    images = standardize(batch["image"])
     masks, model_state = nets.training_masks(model, images, use_masks, model_state, batch["weight"])
     logits = nets.logits(model, images, masks, train=True, rng=rng)
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
@@ -283,7 +282,7 @@ def make_feature_statistics_fn(
       batch = shard_batch({"image": images[idx], "weight": weight})
       _, updates = one_batch.apply(
         variables,
-        data_lib.normalize(batch["image"], mean, std),
+        normalize(batch["image"], mean, std),
         train=True,
         mask=batch["weight"] > 0,
         mutable=["batch_stats"],
@@ -307,7 +306,7 @@ def make_mask_statistics_fn(nets: Networks, mean, std):
   """
 
   def statistics(model, images, weights):
-    x = data_lib.normalize(images, mean, std)
+    x = normalize(images, mean, std)
     masks = nets.masks(model, x, True)
     latent = nets.knowledge_base.apply(model["knowledge_base"], x, masks, train=False)
     norms = jnp.linalg.norm(latent, axis=-1)
@@ -332,7 +331,7 @@ def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):
 
     def body(correct, xs):
       chunk_images, chunk_labels, chunk_weights = xs
-      x = data_lib.normalize(chunk_images, mean, std)
+      x = normalize(chunk_images, mean, std)
       logits = nets.logits(model, x, nets.masks(model, x, use_masks), train=False, rng=None)
       return correct + jnp.sum((jnp.argmax(logits, -1) == chunk_labels) * chunk_weights), None
 

@@ -20,20 +20,14 @@ and prints the groups' table.
 
 import dataclasses
 import json
-import math
 import os
-import textwrap
 
-import matplotlib
 import numpy as np
 from absl import app, flags
 
-from mark_jax import metrics
-from mark_jax import workdir as workdir_lib
-from mark_jax.errors import UserError, run_or_exit
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
+from mark_jax import metrics, report_plots
+from mark_jax.runtime import workdir as workdir_lib
+from mark_jax.runtime.errors import UserError, run_or_exit
 
 _OUT = flags.DEFINE_string(
   "out",
@@ -52,7 +46,6 @@ _LABELS = flags.DEFINE_list(
 RESULTS_FILE = "results.json"
 # Seeds of one variant differ only in these keys.
 IGNORED_CONFIG_KEYS = workdir_lib.CHANGEABLE_KEYS | {"seed"}
-MAX_TASKS_WITH_CELL_VALUES = 20
 UNSET = object()
 
 
@@ -87,6 +80,10 @@ class Run:
     return self.accuracy.shape[1]
 
   @property
+  def progress(self) -> str:
+    return f"{self.tasks_completed}/{self.num_tasks} tasks"
+
+  @property
   def seen_accuracy(self) -> np.ndarray:
     """The square matrix of the completed tasks."""
     return self.accuracy[:, : self.tasks_completed]
@@ -106,10 +103,10 @@ class Group:
 
 
 def load_run(workdir: str) -> Run:
-  """Reads and checks WORKDIR/results.json.
+  """Reads WORKDIR/results.json, as training wrote it.
 
   Raises:
-    ReportError: the file is missing, not JSON, or its accuracy matrix is malformed.
+    ReportError: the directory or file is missing, or it is not a results.json of training.
   """
   path = os.path.join(workdir, RESULTS_FILE)
   if not os.path.isdir(workdir):
@@ -119,54 +116,14 @@ def load_run(workdir: str) -> Run:
   try:
     with open(path) as f:
       results = json.load(f)
-  except json.JSONDecodeError as error:
-    raise ReportError(f"{path}: not valid JSON ({error})") from None
-  except (OSError, UnicodeDecodeError) as error:
-    raise ReportError(f"{path}: cannot be read ({error})") from None
-  if not isinstance(results, dict):
-    raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
-  config = results.get("config", {})
-  if not isinstance(config, dict):
-    raise ReportError(f"{path}: 'config' is not an object")
-  wall_seconds = results.get("wall_seconds")
-  if wall_seconds is not None and not _is_number(wall_seconds):
-    raise ReportError(f"{path}: 'wall_seconds' is not a number")
-  accuracy = _parse_accuracy_matrix(results.get("accuracy_matrix"), path)
-  tasks_completed = results.get("tasks_completed", accuracy.shape[0])
-  if tasks_completed != accuracy.shape[0]:
-    raise ReportError(
-      f"{path}: tasks_completed is {tasks_completed} but accuracy_matrix has "
-      f"{accuracy.shape[0]} rows"
-    )
+    rows = results["accuracy_matrix"]
+    accuracy = np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+    config, wall_seconds = results.get("config", {}), results.get("wall_seconds")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    raise ReportError(f"{path}: not a results.json written by training ({error!r})") from None
+  if accuracy.ndim != 2 or not 0 < accuracy.shape[0] <= accuracy.shape[1]:
+    raise ReportError(f"{path}: accuracy_matrix is not a (tasks done, tasks) matrix")
   return Run(workdir, config, accuracy, wall_seconds)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _parse_accuracy_matrix(rows, path: str) -> np.ndarray:
-  """Row t: accuracies in [0, 1] on tasks 0..t after task t, then null for unseen tasks."""
-  if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows):
-    raise ReportError(f"{path}: accuracy_matrix must be a non-empty list of rows")
-  num_tasks = len(rows[0])
-  if len(rows) > num_tasks:
-    raise ReportError(f"{path}: accuracy_matrix has {len(rows)} rows but {num_tasks} columns")
-  for t, row in enumerate(rows):
-    if len(row) != num_tasks:
-      raise ReportError(
-        f"{path}: accuracy_matrix row {t} has {len(row)} entries, row 0 has {num_tasks}"
-      )
-    for u, value in enumerate(row):
-      if u <= t and not (_is_number(value) and 0 <= value <= 1):
-        raise ReportError(
-          f"{path}: accuracy_matrix[{t}][{u}] is {value!r}, expected an accuracy in [0, 1]"
-        )
-      if u > t and value is not None:
-        raise ReportError(
-          f"{path}: accuracy_matrix[{t}][{u}] is {value!r}, expected null (task {u} unseen)"
-        )
-  return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
 
 
 def variant(config: dict) -> dict:
@@ -210,7 +167,7 @@ def group_runs(runs: list[Run], labels: list[str] | None = None) -> list[Group]:
   for label, group in zip(labels, members, strict=True):
     shapes = {run.accuracy.shape for run in group}
     if len(shapes) > 1:
-      tasks = ", ".join(f"{run.workdir}: {_progress(run)}" for run in group)
+      tasks = ", ".join(f"{run.workdir}: {run.progress}" for run in group)
       raise ReportError(f"runs of group '{label}' have different numbers of tasks ({tasks})")
   return [Group(label, tuple(group)) for label, group in zip(labels, members, strict=True)]
 
@@ -226,10 +183,6 @@ def group_labels(variants: list[dict], dataset: str) -> list[str]:
   first = variants[0]
   differing = [k for k in keys if any(c.get(k, UNSET) != first.get(k, UNSET) for c in variants)]
   return [", ".join(f"{k}={'unset' if k not in c else c[k]}" for k in differing) for c in variants]
-
-
-def _progress(run: Run) -> str:
-  return f"{run.tasks_completed}/{run.num_tasks} tasks"
 
 
 def _mean_std(values) -> tuple[float, float | None]:
@@ -342,100 +295,6 @@ def markdown_report(summaries: dict[str, dict]) -> str:
   return "\n\n".join(sections) + "\n"
 
 
-def _title(group: Group) -> str:
-  run = group.runs[0]
-  progress = f" ({_progress(run)})" if run.tasks_completed < run.num_tasks else ""
-  return textwrap.fill(group.label + progress, width=40)
-
-
-def _task_ticks(ax, num_tasks: int, axis: str) -> None:
-  """Every task numbered up to MAX_TASKS_WITH_CELL_VALUES tasks, else every fifth."""
-  step = 1 if num_tasks <= MAX_TASKS_WITH_CELL_VALUES else 5
-  ticks = range(0, num_tasks, step)
-  fontsize = 9 if num_tasks <= 10 else 7
-  getattr(ax, f"set_{axis}ticks")(ticks, [str(t) for t in ticks], fontsize=fontsize)
-
-
-def plot_heatmaps(groups: list[Group], path: str) -> None:
-  """Writes one heatmap per group (seed-averaged matrix, unseen cells blank) to `path`."""
-  sizes = [group.mean_accuracy.shape[0] for group in groups]
-  width = sum(max(3.0, 0.32 * n + 1.2) for n in sizes) + 1.0
-  height = max(3.5, 0.32 * max(sizes) + 1.5)
-  fig, axes = plt.subplots(1, len(groups), figsize=(width, height), layout="constrained")
-  axes = np.atleast_1d(axes)
-  cmap = plt.get_cmap("viridis").with_extremes(bad="white")
-  for ax, group in zip(axes, groups, strict=True):
-    accuracy = group.mean_accuracy
-    image = ax.imshow(np.ma.masked_invalid(accuracy), cmap=cmap, vmin=0.0, vmax=1.0)
-    num_tasks = accuracy.shape[0]
-    if num_tasks <= MAX_TASKS_WITH_CELL_VALUES:
-      _write_cell_values(ax, accuracy)
-    _task_ticks(ax, num_tasks, "x")
-    _task_ticks(ax, num_tasks, "y")
-    ax.set_xlabel("task evaluated")
-    ax.set_ylabel("after training task")
-    ax.set_title(_title(group), fontsize=10)
-  fig.colorbar(image, ax=axes.tolist(), label="test accuracy", shrink=0.9)
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
-
-
-def _write_cell_values(ax, accuracy: np.ndarray) -> None:
-  fontsize = 7 if accuracy.shape[0] <= 10 else 6
-  for (t, u), value in np.ndenumerate(accuracy):
-    if not np.isnan(value):
-      color = "black" if value > 0.55 else "white"
-      ax.text(u, t, f"{value:.2f}", ha="center", va="center", fontsize=fontsize, color=color)
-
-
-def plot_over_time(groups: list[Group], path: str) -> None:
-  """Writes, per group, each task's seed-averaged accuracy after every later task to `path`.
-
-  Tasks share colours across panels and one legend at the right.
-  """
-  most_tasks = max(group.mean_accuracy.shape[0] for group in groups)
-  colors = _task_colors(most_tasks)
-  width = len(groups) * max(4.0, 0.2 * most_tasks + 2.0) + 1.2
-  fig, axes = plt.subplots(1, len(groups), figsize=(width, 4.0), layout="constrained", sharey=True)
-  axes = np.atleast_1d(axes)
-  handles = {}
-  for ax, group in zip(axes, groups, strict=True):
-    accuracy = group.mean_accuracy
-    num_tasks = accuracy.shape[0]
-    for u in range(num_tasks):
-      (line,) = ax.plot(
-        range(u, num_tasks), accuracy[u:, u], marker="o", markersize=3, color=colors[u]
-      )
-      handles.setdefault(u, line)
-    ax.set_xlim(-0.5, num_tasks - 0.5)
-    ax.set_ylim(0.0, 1.0)
-    _task_ticks(ax, num_tasks, "x")
-    ax.set_xlabel("after training task")
-    ax.set_title(_title(group), fontsize=10)
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel("test accuracy")
-  fig.legend(
-    [handles[u] for u in sorted(handles)],
-    [str(u) for u in sorted(handles)],
-    title="task",
-    loc="outside right upper",
-    ncols=1 if most_tasks <= 10 else 2,
-    fontsize=7,
-    title_fontsize=8,
-    columnspacing=0.8,
-    handlelength=1.5,
-  )
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
-
-
-def _task_colors(num_tasks: int) -> list:
-  """Distinct colours up to 10 tasks, else a sequential colormap in task order."""
-  if num_tasks <= 10:
-    return [plt.get_cmap("tab10")(u) for u in range(num_tasks)]
-  return list(plt.get_cmap("viridis")(np.linspace(0.0, 0.95, num_tasks)))
-
-
 def build_report(workdirs: list[str], out_dir: str, labels: list[str] | None = None) -> str:
   """Loads the runs, writes the plots, report.md and report.json into `out_dir`.
 
@@ -449,8 +308,8 @@ def build_report(workdirs: list[str], out_dir: str, labels: list[str] | None = N
   summaries = {group.label: summarize_group(group) for group in groups}
   try:
     os.makedirs(out_dir, exist_ok=True)
-    plot_heatmaps(groups, os.path.join(out_dir, "accuracy_matrix.png"))
-    plot_over_time(groups, os.path.join(out_dir, "accuracy_over_time.png"))
+    report_plots.plot_heatmaps(groups, os.path.join(out_dir, "accuracy_matrix.png"))
+    report_plots.plot_over_time(groups, os.path.join(out_dir, "accuracy_over_time.png"))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
       f.write(markdown_report(summaries))
     with open(os.path.join(out_dir, "report.json"), "w") as f:

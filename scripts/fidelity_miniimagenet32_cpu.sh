@@ -24,7 +24,9 @@ declare -A variants=(
   [kb_frozen_after_task0_bn_running]="$frozen $running"
   [no_metalearning_bn_running]="--config.mask_bias_init=1.0 --config.use_metalearning=False $running"
   [mark_default_init_bn_running]="$running"
-  # F^t's batch-norm modes compared over the first ten tasks with the KB frozen.
+  # F^t's batch-norm modes compared over the first ten tasks with the KB frozen ('running'
+  # of seeds 48, 49, 51 is read from the 20-task kb_frozen_after_task0_bn_running runs).
+  [kb_frozen_bn_running_10tasks]="$frozen --config.max_tasks=10 $running"
   [kb_frozen_bn_recomputed_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=recomputed"
   [kb_frozen_bn_batch_10tasks]="$frozen --config.max_tasks=10 --config.feature_bn_statistics=batch"
 )

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mark_jax import checkpointing
+from mark_jax.runtime import checkpointing
 
 
 def knowledge_base_vector(mngr: ocp.CheckpointManager, task: int) -> np.ndarray:

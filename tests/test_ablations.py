@@ -4,26 +4,27 @@ import jax
 import optax
 import pytest
 
-from mark_jax import data, train
+from mark_jax import mark, state
+from mark_jax.data import datasets
 
 from tiny import tiny_config
 
 
-def _phases_run(config, tasks: int) -> list[tuple[int, str, str]]:
+def _phases_run(config, tasks: int, monkeypatch) -> list[tuple[int, str, str]]:
   """(task, phase, step) of every train_phase call in the first `tasks` tasks."""
-  benchmark = data.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
+  benchmark = datasets.load_benchmark(config)
+  programs = mark.build_programs(config, benchmark)
   calls = []
-  original = trainer.train_phase
+  original = mark.train_phase
 
-  def spy(name, model, data_, rng, task, step=None):
+  def spy(run, name, model, data_, rng, task, step=None):
     calls.append((task, name, step or name))
-    return original(name, model, data_, rng, task, step)
+    return original(run, name, model, data_, rng, task, step)
 
-  trainer.train_phase = spy
-  state = trainer.init_state(len(benchmark.tasks))
+  monkeypatch.setattr(mark, "train_phase", spy)
+  run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   for t in range(tasks):
-    state = trainer.train_task(t, state, benchmark.tasks[t])
+    run_state = mark.train_task(mark.Run(config, programs), t, run_state, benchmark.tasks[t])
   return calls
 
 
@@ -50,20 +51,20 @@ def _phases_run(config, tasks: int) -> list[tuple[int, str, str]]:
     ),
   ],
 )
-def test_steps_3_and_5_without_own_features(overrides, expected):
+def test_steps_3_and_5_without_own_features(overrides, expected, monkeypatch):
   config = tiny_config(meta_rounds=0, **overrides)
-  assert _phases_run(config, 2) == expected
+  assert _phases_run(config, 2, monkeypatch) == expected
 
 
 def test_without_own_features_the_masks_learn_at_a_tenth():
   config = tiny_config()
-  benchmark = data.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
+  benchmark = datasets.load_benchmark(config)
+  phases = mark.build_programs(config, benchmark).phases
   params = {"w": jax.numpy.ones(3)}
   grads = {"w": jax.numpy.ones(3)}
 
   def first_update(name):
-    optimizer = trainer.phases[name].optimizer
+    optimizer = phases[name].optimizer
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     return optax.tree.norm(updates)
 

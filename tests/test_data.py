@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mark_jax import data, errors
+from mark_jax import models
+from mark_jax.data import datasets, facts
+from mark_jax.data import tasks as tasks_lib
+from mark_jax.runtime import errors
 
 
 def _dataset(num_classes=20, per_class=10):
@@ -14,11 +17,11 @@ def _dataset(num_classes=20, per_class=10):
   images = np.zeros((len(labels), 4, 4, 3), np.uint8)
   images[:, 0, 0, 0] = np.arange(len(labels)) % 256  # makes examples distinguishable
   images[:, 0, 0, 1] = np.arange(len(labels)) // 256
-  return data.Split(images, labels)
+  return tasks_lib.Split(images, labels)
 
 
 def _split(seed, validation_fraction=0.2, num_classes=20, train_per_class=10):
-  return data.split_into_tasks(
+  return tasks_lib.split_into_tasks(
     _dataset(num_classes, per_class=train_per_class),
     _dataset(num_classes, per_class=4),
     num_classes=num_classes,
@@ -38,7 +41,7 @@ def test_tasks_partition_the_classes():
 def test_class_order_is_the_authors_permutation():
   np.random.seed(48)
   expected = np.random.permutation(100)
-  np.testing.assert_array_equal(data.class_order(100, 48), expected)
+  np.testing.assert_array_equal(tasks_lib.class_order(100, 48), expected)
 
 
 def test_split_depends_on_seed_only():
@@ -63,26 +66,26 @@ def test_validation_is_disjoint_from_train():
 
 def test_classes_per_task_must_divide():
   with pytest.raises(ValueError, match="does not divide"):
-    data.split_into_tasks(
+    tasks_lib.split_into_tasks(
       _dataset(), _dataset(), num_classes=20, classes_per_task=3, validation_fraction=0, seed=0
     )
 
 
 def test_normalisation_uses_the_spec_constants():
   pixel = jnp.full((1, 1, 1, 3), 255, jnp.uint8)
-  expected = [(1.0 - m) / s for m, s in zip(data.CIFAR_MEAN, data.CIFAR_STD, strict=True)]
+  expected = [(1.0 - m) / s for m, s in zip(facts.CIFAR_MEAN, facts.CIFAR_STD, strict=True)]
   np.testing.assert_allclose(
-    data.normalize(pixel, data.CIFAR_MEAN, data.CIFAR_STD)[0, 0, 0], expected, rtol=1e-6
+    models.normalize(pixel, facts.CIFAR_MEAN, facts.CIFAR_STD)[0, 0, 0], expected, rtol=1e-6
   )
-  assert data.CIFAR_MEAN == (125.3 / 255, 123.0 / 255, 113.9 / 255)
-  assert data.CIFAR_STD == (63.0 / 255, 62.1 / 255, 66.7 / 255)
+  assert facts.CIFAR_MEAN == (125.3 / 255, 123.0 / 255, 113.9 / 255)
+  assert facts.CIFAR_STD == (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 
 def test_synthetic_is_seeded_and_class_conditional():
   kwargs = dict(num_classes=4, train_per_class=30, test_per_class=5, image_size=32)
-  train, test = data.synthetic_splits(seed=1, **kwargs)
-  again, _ = data.synthetic_splits(seed=1, **kwargs)
-  other, _ = data.synthetic_splits(seed=2, **kwargs)
+  train, test = datasets.synthetic_splits(seed=1, **kwargs)
+  again, _ = datasets.synthetic_splits(seed=1, **kwargs)
+  other, _ = datasets.synthetic_splits(seed=2, **kwargs)
   np.testing.assert_array_equal(train.images, again.images)
   assert not np.array_equal(train.images, other.images)
   assert train.images.shape == (120, 32, 32, 3) and train.images.dtype == np.uint8
@@ -94,9 +97,9 @@ def test_synthetic_is_seeded_and_class_conditional():
 
 
 def test_stack_splits_pads_with_zero_weight():
-  a = data.Split(np.ones((3, 2, 2, 3), np.uint8), np.array([1, 2, 3], np.int32))
-  b = data.Split(np.ones((5, 2, 2, 3), np.uint8), np.arange(5, dtype=np.int32))
-  stacked = data.stack_splits([a, b], multiple=4)
+  a = tasks_lib.Split(np.ones((3, 2, 2, 3), np.uint8), np.array([1, 2, 3], np.int32))
+  b = tasks_lib.Split(np.ones((5, 2, 2, 3), np.uint8), np.arange(5, dtype=np.int32))
+  stacked = tasks_lib.stack_splits([a, b], multiple=4)
   assert stacked["image"].shape == (2, 8, 2, 2, 3)
   np.testing.assert_array_equal(stacked["weight"].sum(1), [3, 5])
   np.testing.assert_array_equal(stacked["label"][0, :3], [1, 2, 3])
@@ -108,7 +111,7 @@ def test_unknown_dataset_is_a_clear_error():
   config = smoke.get_config()
   config.dataset = "imagenet21k"
   with pytest.raises(errors.DataError, match="unknown dataset 'imagenet21k'"):
-    data.load_benchmark(config)
+    datasets.load_benchmark(config)
 
 
 def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
@@ -118,7 +121,7 @@ def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
   config.data_dir = str(tmp_path)
   config.download = False
   with pytest.raises(errors.DataError, match="not available") as error:
-    data.load_benchmark(config)
+    datasets.load_benchmark(config)
   assert "--config.data_dir" in str(error.value)
 
 
@@ -132,7 +135,7 @@ def test_hundred_classes_make_twenty_disjoint_tasks_of_five_in_the_seeded_order(
   classes = [c for task in tasks for c in task.classes]
   assert len(tasks) == 20 and all(len(task.classes) == 5 for task in tasks)
   assert sorted(classes) == list(range(100))
-  assert classes == list(data.class_order(100, 48))
+  assert classes == list(tasks_lib.class_order(100, 48))
   again = _split(num_classes=100, validation_fraction=0.15, seed=48)
   assert [t.classes for t in again] == [t.classes for t in tasks]
   for task, same in zip(tasks, again, strict=True):
@@ -161,41 +164,41 @@ def test_train_and_validation_partition_each_task_training_examples():
 
 
 def test_normalisation_constants_are_the_spec_values():
-  np.testing.assert_allclose(data.CIFAR_MEAN, np.array([125.3, 123.0, 113.9]) / 255, rtol=1e-12)
-  np.testing.assert_allclose(data.CIFAR_STD, np.array([63.0, 62.1, 66.7]) / 255, rtol=1e-12)
-  np.testing.assert_allclose(data.IMAGENET_MEAN, [0.485, 0.456, 0.406], rtol=1e-12)
-  np.testing.assert_allclose(data.IMAGENET_STD, [0.229, 0.224, 0.225], rtol=1e-12)
+  np.testing.assert_allclose(facts.CIFAR_MEAN, np.array([125.3, 123.0, 113.9]) / 255, rtol=1e-12)
+  np.testing.assert_allclose(facts.CIFAR_STD, np.array([63.0, 62.1, 66.7]) / 255, rtol=1e-12)
+  np.testing.assert_allclose(facts.IMAGENET_MEAN, [0.485, 0.456, 0.406], rtol=1e-12)
+  np.testing.assert_allclose(facts.IMAGENET_STD, [0.229, 0.224, 0.225], rtol=1e-12)
 
 
 @pytest.mark.parametrize(
   "mean, std",
-  [(data.CIFAR_MEAN, data.CIFAR_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)],
+  [(facts.CIFAR_MEAN, facts.CIFAR_STD), (facts.IMAGENET_MEAN, facts.IMAGENET_STD)],
   ids=["cifar", "imagenet"],
 )
 def test_normalize_maps_the_mean_to_zero_and_one_std_to_one(mean, std):
   mean, std = np.asarray(mean), np.asarray(std)
   pixels = 255 * np.stack([mean, mean + std, mean - 2 * std])[:, None, None, :]
-  normalized = data.normalize(jnp.asarray(pixels, jnp.float32), mean, std)
+  normalized = models.normalize(jnp.asarray(pixels, jnp.float32), mean, std)
   np.testing.assert_allclose(normalized[:, 0, 0], [[0] * 3, [1] * 3, [-2] * 3], atol=1e-5)
 
 
 def test_resize_gives_the_requested_shape_and_dtype():
   images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
-  split = data.Split(images, np.arange(4, dtype=np.int32))
+  split = tasks_lib.Split(images, np.arange(4, dtype=np.int32))
   for size in (16, 84):
-    resized = data.resize(split, size)
+    resized = datasets.resize(split, size)
     assert resized.images.shape == (4, size, size, 3) and resized.images.dtype == np.uint8
     np.testing.assert_array_equal(resized.labels, split.labels)
-  np.testing.assert_array_equal(data.resize(split, 32).images, images)
-  flat = data.Split(np.full((1, 32, 32, 3), (10, 120, 250), np.uint8), np.zeros(1, np.int32))
+  np.testing.assert_array_equal(datasets.resize(split, 32).images, images)
+  flat = tasks_lib.Split(np.full((1, 32, 32, 3), (10, 120, 250), np.uint8), np.zeros(1, np.int32))
   np.testing.assert_array_equal(
-    data.resize(flat, 16).images, np.full((1, 16, 16, 3), (10, 120, 250))
+    datasets.resize(flat, 16).images, np.full((1, 16, 16, 3), (10, 120, 250))
   )
 
 
 @pytest.fixture(scope="module")
 def digits_splits():
-  return data.digits_splits()
+  return datasets.digits_splits()
 
 
 def _nearest_class_mean(train, images):
@@ -210,7 +213,7 @@ def test_resized_digits_keep_their_class(digits_splits):
   """Test digits shrunk 32->16 and enlarged back are classified (by the nearest class mean
   of the untouched training images) about as well as the untouched test digits."""
   train, test = digits_splits
-  round_trip = data.resize(data.resize(test, 16), 32)
+  round_trip = datasets.resize(datasets.resize(test, 16), 32)
   accuracy = np.mean(_nearest_class_mean(train, test.images) == test.labels)
   round_trip_accuracy = np.mean(_nearest_class_mean(train, round_trip.images) == test.labels)
   assert accuracy > 0.8
@@ -237,4 +240,4 @@ def test_digits_splits_partition_the_scikit_learn_digits(digits_splits):
   test_examples = examples(test.labels, test.images[:, ::4, ::4, 0])
   assert not train_examples & test_examples
   assert train_examples + test_examples == examples(digits.target, original)
-  assert np.bincount(train.labels).tolist() == [data.DIGITS_TRAIN_PER_CLASS] * 10
+  assert np.bincount(train.labels).tolist() == [facts.FACTS["digits"].train_per_class] * 10

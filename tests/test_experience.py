@@ -12,7 +12,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import ablations, cifar100
-from mark_jax import checkpointing, evaluate, progress, validation
+from mark_jax import config_checks, evaluate
+from mark_jax.runtime import checkpointing, logs
 from scripts import kb_drift
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def test_evaluate_cli_explains_a_wrong_workdir(tmp_path):
 
 
 def test_progress_bar_on_a_terminal(capsys):
-  with progress.PhaseProgress("task 3 masks", 2, interactive=True) as bar:
+  with logs.PhaseProgress("task 3 masks", 2, interactive=True) as bar:
     bar.update({"loss": 1.25, "accuracy": 0.5})
     bar.update({"loss": 0.75, "accuracy": 0.625})
   err = capsys.readouterr().err
@@ -96,7 +97,7 @@ def test_progress_bar_on_a_terminal(capsys):
 
 def test_progress_log_lines_elsewhere(caplog):
   caplog.set_level(logging.INFO)
-  with progress.PhaseProgress("task 3 metalearning", 4, "round", interactive=False) as bar:
+  with logs.PhaseProgress("task 3 metalearning", 4, "round", interactive=False) as bar:
     bar.update({"inner_loss": 1.5})
   lines = [r.getMessage() for r in caplog.records]
   assert any(
@@ -109,7 +110,7 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
   base = cifar100.get_config().to_dict()
   for name, changes in ablations.ABLATIONS.items():
     config = ablations.get_config(name)
-    assert validation.validate(config) == []
+    assert config_checks.validate(config) == []
     changed = {k for k, v in config.to_dict().items() if base[k] != v}
     assert changed == set(changes), name
   with pytest.raises(ValueError, match="known: no_metalearning"):
@@ -133,6 +134,10 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
     (["-m", "mark_jax.bench", "--config", "configs/smoke.py", "--config.nope=1"], "no key"),
     (["-m", "mark_jax.evaluate", "--task=x", "/tmp"], "--task"),
     (["-m", "mark_jax.report"], "give at least one WORKDIR"),
+    (["-m", "mark_jax.data", "prepare", "nosuch", "--source", "/tmp"], "invalid choice"),
+    (["-m", "mark_jax.data", "prepare", "miniimagenet"], "--source"),
+    (["-m", "mark_jax.data", "prepare", "cifar100", "--source", "/no/such"], "no such file"),
+    (["-m", "mark_jax.data"], "required: command"),
   ],
 )
 def test_command_line_mistakes_end_in_one_line_and_exit_2(args, expected, tmp_path):

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from mark_jax import data, phases, train
+from mark_jax import mark, models, phases
 from mark_jax.models import Networks
 
-from tiny import tiny_config
+from tiny import fresh_run, task_model, tiny_config
 
 
 def _snapshot(tree):
@@ -28,7 +28,7 @@ def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance()
   # mean over every image and position, its variance the mean of the batches' variances.
   _, captured = nets.feature_extractor.apply(
     variables,
-    data.normalize(images, mean, std),
+    models.normalize(images, mean, std),
     train=False,
     capture_intermediates=True,
   )
@@ -45,21 +45,17 @@ def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance()
 
 
 @pytest.fixture(scope="module", params=["running", "recomputed", "batch"])
-def trainer_of_mode(request):
+def run_of_mode(request):
   config = tiny_config(feature_bn_statistics=request.param)
-  benchmark = data.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
-  state = trainer.init_state(len(benchmark.tasks))
-  return request.param, benchmark, trainer, state
+  return request.param, *fresh_run(config)
 
 
-def test_masks_phase_updates_feature_statistics_only_in_batch_mode(trainer_of_mode):
-  mode, benchmark, trainer, state = trainer_of_mode
-  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
-  model = jax.tree.map(lambda a: a.copy(), model)  # phases donate what they train
+def test_masks_phase_updates_feature_statistics_only_in_batch_mode(run_of_mode):
+  mode, benchmark, run, run_state = run_of_mode
+  model = task_model(run_state, 1)
   before = _snapshot(model["feature_extractor"])
-  device_data = trainer.device_data(benchmark.tasks[1])
-  after = trainer.train_phase("masks", model, device_data, jax.random.PRNGKey(0), 1)
+  device_data = mark.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
+  after = mark.train_phase(run, "masks", model, device_data, jax.random.PRNGKey(0), 1)
   for x, y in zip(
     jax.tree.leaves(before["params"]),
     jax.tree.leaves(after["feature_extractor"]["params"]),
@@ -77,13 +73,12 @@ def test_masks_phase_updates_feature_statistics_only_in_batch_mode(trainer_of_mo
   assert stats_changed == (mode == "batch")
 
 
-def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(trainer_of_mode):
-  mode, benchmark, trainer, state = trainer_of_mode
-  model = {**train.task_slot(state["tasks"], 0), "knowledge_base": state["knowledge_base"]}
-  model = jax.tree.map(lambda a: a.copy(), model)
-  device_data = trainer.device_data(benchmark.tasks[0])
-  trained = trainer.train_feature_extractor(model, device_data, jax.random.PRNGKey(3), 0)
-  recomputed = trainer.feature_statistics(
+def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(run_of_mode):
+  mode, benchmark, run, run_state = run_of_mode
+  model = task_model(run_state, 0)
+  device_data = mark.device_data(run.config, run.programs.mesh, benchmark.tasks[0])
+  trained = mark.train_feature_extractor(run, model, device_data, jax.random.PRNGKey(3), 0)
+  recomputed = run.programs.feature_statistics(
     {"params": trained["params"], "batch_stats": trained["batch_stats"]},
     device_data["train_image"],
     jax.random.PRNGKey(4),

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mark_jax import data, metalearning, models
+from mark_jax import metalearning, models
+from mark_jax.data import datasets, facts
 from mark_jax.phases import sgd
 
 from tiny import tiny_config
@@ -94,11 +95,11 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
   nets = models.Networks(config, 32, 5)
   kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
   task = nets.init_task(jax.random.PRNGKey(1))
-  train, _ = data.synthetic_splits(
+  train, _ = datasets.synthetic_splits(
     num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
   )
   args = (task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2))
-  mean, std = data.CIFAR_MEAN, data.CIFAR_STD
+  mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   vmapped = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
   looped = jax.jit(metalearning.make_meta_round(nets, config, mean, std, mini_task_map=_loop_map))
   kb_v, metrics_v = vmapped(kb, *args)
@@ -123,10 +124,11 @@ def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
   nets = models.Networks(config, 32, 5)
   kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
   task = nets.init_task(jax.random.PRNGKey(1))
-  train, _ = data.synthetic_splits(
+  train, _ = datasets.synthetic_splits(
     num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
   )
-  meta_round = jax.jit(metalearning.make_meta_round(nets, config, data.CIFAR_MEAN, data.CIFAR_STD))
+  mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
+  meta_round = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
   _, metrics = meta_round(
     kb, task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2)
   )

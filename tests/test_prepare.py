@@ -23,8 +23,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import cifar100, miniimagenet
-from mark_jax import data, safe_pickle, tfds_builders, train
-from mark_jax.errors import DataError
+from mark_jax import train
+from mark_jax.data import datasets, facts, prepare, safe_pickle, tfds_builders
+from mark_jax.runtime.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "miniimagenet_sample")
@@ -38,8 +39,8 @@ def _run_prepare(*args: str) -> subprocess.CompletedProcess:
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-  """The CLI failed with exit code 1 and a single `error:` line holding each fragment."""
-  assert result.returncode == 1, result.stderr
+  """The CLI failed with exit code 2 and a single `error:` line holding each fragment."""
+  assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -173,7 +174,7 @@ def test_cifar100_from_archive_by_cli_gives_the_images_and_labels_written(
 
 
 def test_cifar100_from_folder_by_api_gives_the_images_and_labels_written(cifar_copy, tmp_path):
-  data.prepare("cifar100", str(cifar_copy.folder), str(tmp_path), verify_md5=False)
+  prepare.prepare("cifar100", str(cifar_copy.folder), str(tmp_path), verify_md5=False)
   _assert_cifar_matches(tmp_path, cifar_copy.expected)
 
 
@@ -213,7 +214,7 @@ def test_cifar100_folder_without_cifar_is_refused_without_downloading(tmp_path, 
   source = tmp_path / "not_cifar"
   source.mkdir()
   with pytest.raises(DataError, match="not_cifar"):
-    data.prepare("cifar100", str(source), str(tmp_path / "data_dir"), verify_md5=False)
+    prepare.prepare("cifar100", str(source), str(tmp_path / "data_dir"), verify_md5=False)
 
 
 def test_cifar100_benchmark_from_the_prepared_copy(cifar_copy, cifar_from_archive):
@@ -222,10 +223,10 @@ def test_cifar100_benchmark_from_the_prepared_copy(cifar_copy, cifar_from_archiv
   config.data_dir = str(cifar_from_archive)
   config.download = False
   config.batch_size = CIFAR_PER_CLASS["train"]  # at most the few training images a task has
-  benchmark = data.load_benchmark(config)
+  benchmark = datasets.load_benchmark(config)
   assert len(benchmark.tasks) == NUM_CLASSES // config.classes_per_task
   assert benchmark.image_size == 32
-  assert (benchmark.mean, benchmark.std) == (data.CIFAR_MEAN, data.CIFAR_STD)
+  assert (benchmark.mean, benchmark.std) == (facts.CIFAR_MEAN, facts.CIFAR_STD)
   original_class = {
     split: {image.tobytes(): int(label) for image, label in zip(images, labels, strict=True)}
     for split, (images, labels) in cifar_copy.expected.items()
@@ -293,7 +294,7 @@ def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_data_dir):
   config = miniimagenet.get_config()
   config.data_dir = str(sample_data_dir)
   config.batch_size = 16  # at most the 49 training images a task of the sample has
-  benchmark = data.load_benchmark(config)
+  benchmark = datasets.load_benchmark(config)
   assert benchmark.image_size == tfds_builders.MINIIMAGENET_SIZE
   val_files = collections.defaultdict(list)
   for label, path in _sample_files(os.path.join(SAMPLE, "val")).values():
@@ -354,7 +355,7 @@ def test_authors_pickles_survive_exactly(tmp_path):
     _dump(tmp_path / f"{split}.pkl", {"images": images, "labels": labels})
     expected[split] = images, labels
   data_dir = tmp_path / "data_dir"
-  data.prepare("miniimagenet", str(tmp_path), str(data_dir))
+  prepare.prepare("miniimagenet", str(tmp_path), str(data_dir))
   for split, (images, labels) in expected.items():
     encoded, stored_labels = _read_prepared("mark_miniimagenet", split, data_dir)
     assert _examples(_decoded(encoded), stored_labels) == _examples(images, labels)
@@ -387,7 +388,7 @@ def test_cache_pickles_pool_classes_and_cut_each_class(tmp_path, monkeypatch):
         expected[split][0].extend(images[kept])
         expected[split][1].extend([label] * len(kept))
   data_dir = tmp_path / "data_dir"
-  data.prepare("miniimagenet", str(tmp_path), str(data_dir))
+  prepare.prepare("miniimagenet", str(tmp_path), str(data_dir))
   for split, (images, labels) in expected.items():
     encoded, stored_labels = _read_prepared("mark_miniimagenet", split, data_dir)
     assert _examples(_decoded(encoded), stored_labels) == _examples(images, labels)
@@ -450,7 +451,7 @@ def test_malformed_pickle_content_is_a_data_error_naming_the_source(tmp_path, fi
   for name, content in files.items():
     _dump(source / name, content)
   with pytest.raises(DataError, match=re.escape(str(source))):
-    data.prepare("miniimagenet", str(source), str(tmp_path / "data_dir"))
+    prepare.prepare("miniimagenet", str(source), str(tmp_path / "data_dir"))
 
 
 # ---------------------------------------------------------------------------------------

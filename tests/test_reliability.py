@@ -25,10 +25,13 @@ import pytest
 from etils import epath
 
 from configs import smoke
-from mark_jax import checkpointing, data, errors, train
-from mark_jax import workdir as workdir_lib
+from mark_jax import mark, train
+from mark_jax.data import datasets
+from mark_jax.data.tasks import Split
+from mark_jax.runtime import checkpointing, errors
+from mark_jax.runtime import workdir as workdir_lib
 
-from tiny import tiny_config
+from tiny import abstract_state, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_SEED = 5  # Its delay is 0.6 of the reference run: inside task 0, mostly compilation.
@@ -249,9 +252,7 @@ def test_altered_checkpoint_is_detected_and_passed_over(reference, finished_copy
     f.seek(size // 2)
     f.write(flipped)
   assert altered.stat().st_size == size
-  config = tiny_config()
-  benchmark = data.load_benchmark(config)
-  abstract = train.Trainer(config, benchmark).abstract_state(len(benchmark.tasks))
+  abstract = abstract_state(tiny_config())
 
   with caplog.at_level(logging.WARNING):
     mngr = checkpointing.manager(workdir / "checkpoints")
@@ -291,7 +292,7 @@ def test_unfinished_orbax_directories_are_ignored_and_kept(reference, finished_c
 def test_another_config_is_refused_unless_allowed(reference, finished_copy, monkeypatch):
   workdir = finished_copy
   with monkeypatch.context() as patch:
-    patch.setattr(data, "load_benchmark", lambda config: pytest.fail("data loaded"))
+    patch.setattr(datasets, "load_benchmark", lambda config: pytest.fail("data loaded"))
     with pytest.raises(errors.WorkdirError) as refused:
       train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
   message = str(refused.value)
@@ -367,26 +368,26 @@ def test_cli_reports_every_config_problem_before_any_work(tmp_path):
 def _out_of_range_labels(train_split, test_split):
   labels = test_split.labels.copy()
   labels[3] = 15
-  return train_split, data.Split(test_split.images, labels)
+  return train_split, Split(test_split.images, labels)
 
 
 def _rectangular_images(train_split, test_split):
-  return data.Split(train_split.images[:, :, :30], train_split.labels), test_split
+  return Split(train_split.images[:, :, :30], train_split.labels), test_split
 
 
 def _grey_images(train_split, test_split):
-  return data.Split(train_split.images[..., :1], train_split.labels), test_split
+  return Split(train_split.images[..., :1], train_split.labels), test_split
 
 
 def _nan_pixels(train_split, test_split):
   images = test_split.images.astype(np.float32)
   images[0, 5, 5, 1] = np.nan
-  return train_split, data.Split(images, test_split.labels)
+  return train_split, Split(images, test_split.labels)
 
 
 def _few_training_images(train_split, test_split):
   keep = np.concatenate([np.flatnonzero(train_split.labels == c)[:3] for c in range(15)])
-  return data.Split(train_split.images[keep], train_split.labels[keep]), test_split
+  return Split(train_split.images[keep], train_split.labels[keep]), test_split
 
 
 @pytest.mark.parametrize(
@@ -401,14 +402,14 @@ def _few_training_images(train_split, test_split):
 )
 def test_bad_data_is_reported_in_one_line(monkeypatch, damage, where, what):
   def fake_loader(config):
-    splits = data.synthetic_splits(
+    splits = datasets.synthetic_splits(
       num_classes=15, train_per_class=16, test_per_class=8, image_size=32, seed=0
     )
-    return *damage(*splits), 15, data.CIFAR_MEAN, data.CIFAR_STD
+    return damage(*splits)
 
-  monkeypatch.setitem(data.DATASETS, "synthetic", fake_loader)
+  monkeypatch.setitem(datasets.LOADERS, "synthetic", fake_loader)
   with pytest.raises(errors.DataError) as failure:
-    data.load_benchmark(tiny_config())
+    datasets.load_benchmark(tiny_config())
   message = str(failure.value)
   assert message.startswith(where) and what in message and "\n" not in message, message
 
@@ -431,7 +432,7 @@ def test_nonfinite_loss_stops_the_task_without_saving_it(reference, finished_cop
   found = re.search(r"^task 1, feature_extractor epoch 1, step (\d+): the loss is not", message)
   assert found, message
   config = tiny_config()
-  steps_per_epoch = -(-len(data.load_benchmark(config).tasks[1].train) // config.batch_size)
+  steps_per_epoch = -(-len(datasets.load_benchmark(config).tasks[1].train) // config.batch_size)
   assert 1 <= int(found.group(1)) <= steps_per_epoch
   assert "resumes after task 0" in message
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]
@@ -444,7 +445,7 @@ def test_nonfinite_loss_stops_the_task_without_saving_it(reference, finished_cop
 
 
 def test_unwritable_workdir_is_refused_before_loading_data(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "load_benchmark", lambda config: pytest.fail("data loaded"))
+  monkeypatch.setattr(datasets, "load_benchmark", lambda config: pytest.fail("data loaded"))
   regular_file = tmp_path / "a_file"
   regular_file.write_text("not a directory")
   with pytest.raises(errors.WorkdirError, match="cannot write to workdir"):
@@ -454,7 +455,7 @@ def test_unwritable_workdir_is_refused_before_loading_data(tmp_path, monkeypatch
 def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
   one_mib_free = types.SimpleNamespace(total=2**30, used=2**30 - 2**20, free=2**20)
   monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda path: one_mib_free)
-  monkeypatch.setattr(train.Trainer, "train_task", lambda *args: pytest.fail("trained"))
+  monkeypatch.setattr(mark, "train_task", lambda *args: pytest.fail("trained"))
   with pytest.raises(errors.WorkdirError, match=r"has 1 MiB free; .* need about \d+ MiB"):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,4 +1,4 @@
-"""End-to-end runs: phases train only what they should, checkpoints, resume, CLI."""
+"""End-to-end runs (mark_jax.train): results, checkpoints, resume, branching, the CLI."""
 
 import json
 import os
@@ -13,80 +13,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import smoke
-from mark_jax import checkpointing, data, errors, train
+from mark_jax import train
+from mark_jax.runtime import checkpointing, errors
 
-from tiny import tiny_config
+from tiny import abstract_state, fresh_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _snapshot(tree):
-  return jax.tree.map(np.array, tree)
 
 
 def _assert_same(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
-
-
-def _changed(a, b) -> bool:
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  return any(not np.array_equal(x, y) for x, y in pairs)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  config = tiny_config()
-  benchmark = data.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
-  return config, benchmark, trainer, trainer.init_state(len(benchmark.tasks))
-
-
-@pytest.mark.parametrize("phase", ["kb_pretrain", "masks", "kb_sgd"])
-def test_phase_trains_exactly_its_parameters(tiny, phase):
-  _, benchmark, trainer, state = tiny
-  model = {**train.task_slot(state["tasks"], 1), "knowledge_base": state["knowledge_base"]}
-  model = jax.tree.map(lambda a: a.copy(), model)  # the phase donates what it trains
-  before = _snapshot(model)
-  data_on_device = trainer.device_data(benchmark.tasks[1])
-  after = trainer.train_phase(phase, model, data_on_device, jax.random.PRNGKey(0), 1)
-  trainable = trainer.phases[phase].trainable
-  assert set(after) == set(before)
-  for name in before:
-    if name in trainable:
-      assert _changed(before[name], after[name]), f"{phase} did not train {name}"
-    else:
-      _assert_same(before[name], after[name])
-
-
-def test_feature_phase_trains_weights_and_batch_statistics(tiny):
-  _, benchmark, trainer, state = tiny
-  model = jax.tree.map(lambda a: a.copy(), train.task_slot(state["tasks"], 0))
-  before = _snapshot(model["feature_extractor"])
-  data_on_device = trainer.device_data(benchmark.tasks[0])
-  after = trainer.train_feature_extractor(model, data_on_device, jax.random.PRNGKey(0), 0)
-  assert _changed(before["params"], after["params"])
-  assert _changed(before["batch_stats"], after["batch_stats"])
-
-
-def test_task_leaves_other_tasks_and_frozen_kb_untouched(tiny):
-  config, benchmark, _, state = tiny
-  config = tiny_config(meta_rounds=0)  # "KB frozen after task 0": step 4 skipped
-  trainer = train.Trainer(config, benchmark)
-  before = _snapshot(state)
-  after = trainer.train_task(1, jax.tree.map(lambda a: a.copy(), state), benchmark.tasks[1])
-  _assert_same(before["knowledge_base"], after["knowledge_base"])
-  for t in (0, 2):
-    _assert_same(
-      jax.tree.map(lambda a, t=t: a[t], before["tasks"]),
-      jax.tree.map(lambda a, t=t: np.asarray(a)[t], after["tasks"]),
-    )
-  for part in ("feature_extractor", "mask_generator", "head"):
-    assert _changed(
-      jax.tree.map(lambda a: a[1], before["tasks"][part]),
-      jax.tree.map(lambda a: np.asarray(a)[1], after["tasks"][part]),
-    )
-  assert _changed(before["rng"], after["rng"])
 
 
 def test_smoke_run_learns(smoke_run):
@@ -134,13 +71,13 @@ def test_restore_task_refuses_to_mix_with_later_checkpoints(smoke_run, copy_work
     train.train_and_evaluate(config, copy_workdir(workdir))
 
 
-def test_checkpoint_round_trip(tiny, tmp_path):
-  _, benchmark, trainer, state = tiny
+def test_checkpoint_round_trip(tmp_path):
+  _, _, state = fresh_run(tiny_config())
   matrix = np.full((3, 3), np.nan)
   matrix[0, 0], matrix[1, :2] = 0.5, [0.25, 0.75]
   mngr = checkpointing.manager(str(tmp_path / "ckpt"))
   checkpointing.save(mngr, 1, state, matrix, wall_seconds=12.5)
-  abstract = trainer.abstract_state(len(benchmark.tasks))
+  abstract = abstract_state(tiny_config())
   restored, restored_matrix, wall_seconds = checkpointing.restore(mngr, 1, abstract)
   _assert_same(state, restored)
   np.testing.assert_array_equal(restored_matrix, matrix)

@@ -8,7 +8,7 @@ the run will resume. A second signal stops at once, as the default handlers woul
 import signal
 import threading
 
-from mark_jax.errors import Interrupted
+from mark_jax.runtime.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -1,10 +1,13 @@
-"""Tests of mark_jax.validation: the shipped configs pass, every rule catches its bad value."""
+"""Tests of mark_jax.config_checks: the shipped configs pass, every rule catches its bad value."""
+
+import dataclasses
 
 import ml_collections
 import pytest
 
 from configs import cifar100, digits, miniimagenet, miniimagenet32_cpu, smoke
-from mark_jax import validation
+from mark_jax import config_checks, shapes
+from mark_jax.data import facts
 
 
 def loose(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -26,14 +29,14 @@ def with_values(config: ml_collections.ConfigDict, **values) -> ml_collections.C
 
 @pytest.mark.parametrize("module", [cifar100, miniimagenet, smoke, digits, miniimagenet32_cpu])
 def test_shipped_configs_are_valid(module):
-  assert validation.validate(module.get_config()) == []
+  assert config_checks.validate(module.get_config()) == []
 
 
 def test_minimum_image_size_is_derived_from_the_network():
-  minimum = validation.MIN_IMAGE_SIZE
+  minimum = shapes.MIN_IMAGE_SIZE
   assert minimum == 12  # 12 -> conv 1 -> 12 -> pool 6 -> conv 1 -> 6 -> pool 3 -> conv 2 -> 2 -> 1
-  assert not validation.network_fits(minimum - 1)
-  assert all(validation.network_fits(size) for size in range(minimum, 300))
+  assert not shapes.network_fits(minimum - 1)
+  assert all(shapes.network_fits(size) for size in range(minimum, 300))
 
 
 def case(key, value, fragment, base=smoke, **context):
@@ -142,27 +145,27 @@ RULE_CASES = [
 @pytest.mark.parametrize("base, context, key, value, fragment", RULE_CASES)
 def test_each_rule_reports_exactly_its_bad_value(base, context, key, value, fragment):
   config = with_values(base.get_config(), **context)
-  assert validation.validate(config) == [], "the context alone must be valid"
-  problems = validation.validate(with_values(config, **{key: value}))
+  assert config_checks.validate(config) == [], "the context alone must be valid"
+  problems = config_checks.validate(with_values(config, **{key: value}))
   assert len(problems) == 1, problems
   assert problems[0].startswith(f"--config.{key}="), problems[0]
   assert fragment in problems[0], problems[0]
 
 
 def test_dataset_images_smaller_than_the_network_need_image_size(monkeypatch):
-  tiny_digits = validation.DatasetFacts("digits", num_classes=10, train_per_class=120, image_size=8)
-  monkeypatch.setitem(validation.DATASET_FACTS, "digits", tiny_digits)
+  tiny_digits = dataclasses.replace(facts.FACTS["digits"], image_size=8)
+  monkeypatch.setitem(facts.FACTS, "digits", tiny_digits)
   config = with_values(smoke.get_config(), dataset="digits")
-  assert validation.validate(config) == [
+  assert config_checks.validate(config) == [
     "--config.image_size=0: digits images are 8x8, smaller than the network's minimum of 12x12; "
     "set it to at least 12"
   ]
-  assert validation.validate(with_values(config, image_size=32)) == []
+  assert config_checks.validate(with_values(config, image_size=32)) == []
 
 
 def test_line_shows_key_value_and_what_is_allowed():
   config = with_values(cifar100.get_config(), batch_size=0, classes_per_task=7)
-  assert validation.validate(config) == [
+  assert config_checks.validate(config) == [
     "--config.batch_size=0: must be a positive integer",
     "--config.classes_per_task=7: does not divide the 100 classes of cifar100 "
     "(allowed: 1, 2, 4, 5, 10, 20, 25, 50, 100)",
@@ -170,7 +173,7 @@ def test_line_shows_key_value_and_what_is_allowed():
 
 
 def test_string_values_are_quoted():
-  problems = validation.validate(with_values(smoke.get_config(), epochs="3"))
+  problems = config_checks.validate(with_values(smoke.get_config(), epochs="3"))
   assert problems == ["--config.epochs='3': must be a positive integer"]
 
 
@@ -191,19 +194,19 @@ def test_valid_edge_values_pass():
     use_feature_extractor=False,
     use_masks=False,
   )
-  assert validation.validate(config) == []
+  assert config_checks.validate(config) == []
 
 
 def test_unknown_dataset_skips_dataset_rules():
   config = with_values(cifar100.get_config(), dataset="imagenet", classes_per_task=7)
-  problems = validation.validate(config)
+  problems = config_checks.validate(config)
   assert len(problems) == 1
   assert problems[0].startswith("--config.dataset='imagenet'")
 
 
 def test_synthetic_settings_are_ignored_for_other_datasets():
   config = with_values(cifar100.get_config(), **{"synthetic.num_classes": 0})
-  assert validation.validate(config) == []
+  assert config_checks.validate(config) == []
 
 
 def test_missing_required_key_is_reported_and_optional_keys_default():
@@ -212,7 +215,7 @@ def test_missing_required_key_is_reported_and_optional_keys_default():
   for optional in ("image_size", "max_tasks", "restore_task", "restore_dir"):
     if optional in config:
       del config[optional]
-  assert validation.validate(config) == [
+  assert config_checks.validate(config) == [
     "--config.latent_dim is missing: it must be a positive integer"
   ]
 
@@ -227,7 +230,7 @@ def test_several_bad_values_give_all_their_lines():
     restore_dir="/tmp/run",
     **{"synthetic.num_classes": 0},
   )
-  problems = validation.validate(config)
+  problems = config_checks.validate(config)
   assert [p.split("=")[0] for p in problems] == [
     "--config.dataset",
     "--config.conv_impl",
@@ -241,6 +244,6 @@ def test_import_is_light():
   import subprocess
   import sys
 
-  code = "import sys, mark_jax.validation; print('jax' in sys.modules, 'numpy' in sys.modules)"
+  code = "import sys, mark_jax.config_checks; print('jax' in sys.modules, 'numpy' in sys.modules)"
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert result.stdout.split() == ["False", "False"]

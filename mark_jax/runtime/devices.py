@@ -5,9 +5,14 @@ The mesh has two axes. 'mini_tasks' splits the K mini-tasks of a metalearning ro
 data parallelism); a metalearning round puts whole mini-tasks on 'mini_tasks' and splits
 each mini-task's batch over 'batch'. Parameters and the task's data are replicated. XLA
 inserts the gradient all-reduces; the numbers equal a one-device run up to float rounding.
+
+On CPU, `set_cpu_devices` makes XLA split the host into several devices: two ran a
+metalearning round faster than one on our 2-core CPU (docs/performance.md), the mesh then
+running half of the mini-tasks (and half of each batch) on each.
 """
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -57,3 +62,21 @@ def abstract_replicated(tree, mesh: Mesh):
   """ShapeDtypeStructs of `tree` carrying the replicated sharding (for checkpoint restore)."""
   sharding = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def set_cpu_devices(count: int) -> None:
+  """Makes XLA split the host CPU into `count` devices, before JAX starts its backends.
+
+  Only the CPU backend is affected: GPUs and TPUs stay what they are. A device count the
+  user already gave (XLA_FLAGS=--xla_force_host_platform_device_count, or
+  JAX_NUM_CPU_DEVICES) wins; 0 leaves JAX's default of one device.
+
+  Args:
+    count: number of CPU devices, or 0.
+  """
+  user_set = (
+    "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    or jax.config.jax_num_cpu_devices >= 0
+  )
+  if count > 0 and not user_set:
+    jax.config.update("jax_num_cpu_devices", count)

@@ -1,4 +1,5 @@
-"""Multi-device runs (8 fake CPU devices) and compilation across tasks."""
+"""mark_jax.runtime.devices: the host CPU as several devices, multi-device runs (8 fake CPU
+devices), and compilation across tasks."""
 
 import json
 import os
@@ -9,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from mark_jax import parallel, train
+from mark_jax import mark
+from mark_jax.runtime import devices
+
+from tiny import fresh_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,17 +21,15 @@ ONE_TASK = """
 import json, sys
 import jax, numpy as np
 sys.path[:0] = [{root!r}, {tests!r}]
-from tiny import tiny_config
-from mark_jax import data, train
+from tiny import fresh_run, tiny_config
+from mark_jax import mark
 
-config = tiny_config(batch_size=16, mini_tasks=4)
-benchmark = data.load_benchmark(config)
-trainer = train.Trainer(config, benchmark)
-state = trainer.train_task(0, trainer.init_state(len(benchmark.tasks)), benchmark.tasks[0])
-accuracy = trainer.evaluate_all(
-    state["knowledge_base"], state["tasks"], trainer.device_test_data(benchmark.tasks))
+benchmark, run, state = fresh_run(tiny_config(batch_size=16, mini_tasks=4))
+state = mark.train_task(run, 0, state, benchmark.tasks[0])
+test = mark.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
+accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
 leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state["knowledge_base"])]
-print(json.dumps({{"devices": jax.device_count(), "mesh": dict(trainer.mesh.shape),
+print(json.dumps({{"devices": jax.device_count(), "mesh": dict(run.programs.mesh.shape),
                   "accuracy": float(accuracy[0]), "kb": leaves}}))
 """
 
@@ -61,22 +63,16 @@ def test_eight_devices_give_the_one_device_results():
 
 
 def test_mesh_splits_mini_tasks_then_batch():
-  devices = np.array(jax.devices() * 8)[:8]
-  mesh = parallel.make_mesh(mini_tasks=10, batch_size=128, devices=devices)
+  cpus = np.array(jax.devices() * 8)[:8]
+  mesh = devices.make_mesh(mini_tasks=10, batch_size=128, devices=cpus)
   assert dict(mesh.shape) == {"mini_tasks": 2, "batch": 4}
   with pytest.raises(ValueError, match="not divisible"):
-    parallel.make_mesh(mini_tasks=10, batch_size=100, devices=devices)
+    devices.make_mesh(mini_tasks=10, batch_size=100, devices=cpus)
 
 
 def test_nothing_recompiles_between_tasks():
-  from mark_jax import data
-
-  from tiny import tiny_config
-
-  config = tiny_config()
-  benchmark = data.load_benchmark(config)
-  trainer = train.Trainer(config, benchmark)
-  test = trainer.device_test_data(benchmark.tasks)
+  benchmark, run, state = fresh_run(tiny_config())
+  test = mark.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -86,14 +82,36 @@ def test_nothing_recompiles_between_tasks():
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    state = trainer.init_state(len(benchmark.tasks))
     counts = []
     for t in range(len(benchmark.tasks)):
-      state = trainer.train_task(t, state, benchmark.tasks[t])
-      jax.block_until_ready(trainer.evaluate_all(state["knowledge_base"], state["tasks"], test))
+      state = mark.train_task(run, t, state, benchmark.tasks[t])
+      evaluated = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
+      jax.block_until_ready(evaluated)
       counts.append(len(compiles))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert counts[0] > 0  # the listener does see compilations
   assert counts[1] == counts[0], f"task 1 compiled {counts[1] - counts[0]} programs"
   assert counts[2] == counts[1], f"task 2 compiled {counts[2] - counts[1]} programs"
+
+
+@pytest.mark.parametrize(
+  "user_env, expected",
+  [
+    ({}, 2),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
+    ({"JAX_NUM_CPU_DEVICES": "4"}, 4),
+  ],
+)
+def test_cpu_devices_unless_the_user_chose_a_count(user_env, expected):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env.update(user_env, JAX_PLATFORMS="cpu")
+  code = (
+    "from mark_jax.runtime import devices; devices.set_cpu_devices(2); "
+    "import jax; print(jax.device_count())"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert int(result.stdout.split()[-1]) == expected

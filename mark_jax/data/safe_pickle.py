@@ -10,7 +10,7 @@ import io
 import pickle
 from typing import Any, BinaryIO
 
-from mark_jax.errors import DataError
+from mark_jax.runtime.errors import DataError
 
 # (module, name) pairs that rebuild numpy arrays and dtypes, under numpy 1 and 2 names.
 _ALLOWED_GLOBALS = frozenset(

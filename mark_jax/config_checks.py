@@ -2,195 +2,48 @@
 
 `validate(config)` returns one line per problem, naming the key as it is typed on the command
 line, the bad value and what is allowed, e.g. `--config.batch_size=0: must be a positive
-integer`. The network's shape rule (`kernel_sizes`) and the convolution forms live here too,
-so that mark_jax.models and the checks read one definition.
+integer`.
 
 Two tables hold the rules: `FIELD_RULES` check one value each; `CONSISTENCY_RULES` check a key
 against other keys and the dataset's facts (class count, training images per class, image
-size), which come from `DATASET_FACTS` or `config.synthetic` without loading any data. To add
-a rule, add a row. Only the standard library is imported here.
+size), which come from mark_jax.data.facts or `config.synthetic` without loading any data. To
+add a rule, add a row. Only the standard library, the facts table and the
+networks' shape rule (mark_jax.shapes) are imported here.
 """
 
 import dataclasses
 import math
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-Check = Callable[[Any], str | None]
-"""Returns None when a value is fine, else what is allowed ("must be ...")."""
-
-SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2**32.
-
-
-# Network shapes (mark_jax.models.Networks).
-
-
-CONV_IMPLS = ("native", "patches")
-
-
-def kernel_sizes(image_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Kernel sides of the KB's and F^t's convolutions, as the authors size them.
-
-  Returns:
-    (KB: image_size // 8, image_size // 10, 2; F^t: image_size // 8, image_size // 10).
-  """
-  first, second = image_size // 8, image_size // 10
-  return (first, second, 2), (first, second)
-
-
-def network_fits(image_size: int) -> bool:
-  """Whether every spatial size of the KB and the feature extractor stays >= 1.
-
-  Each VALID conv (sides from `kernel_sizes`) is followed by a 2x2 max-pool that drops odd
-  edges.
-  """
-  for sizes in kernel_sizes(image_size):
-    side = image_size
-    for kernel in sizes:
-      if kernel < 1:
-        return False
-      side = (side - kernel + 1) // 2
-      if side < 1:
-        return False
-  return True
-
-
-def smallest_image_size(largest: int = 1024) -> int:
-  """The smallest size from which every square image size up to `largest` fits the network."""
-  size = largest
-  while size > 1 and network_fits(size - 1):
-    size -= 1
-  return size
-
-
-MIN_IMAGE_SIZE = smallest_image_size()
-
-
-# Dataset facts.
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetFacts:
-  """What the rules need to know about a dataset.
-
-  Attributes:
-    name: the dataset's config name.
-    num_classes: classes in the dataset.
-    train_per_class: training images per class (a guaranteed minimum).
-    image_size: side of the square images its loader delivers.
-  """
-
-  name: str
-  num_classes: int
-  train_per_class: int
-  image_size: int
-
-
-DATASET_FACTS = {
-  "cifar100": DatasetFacts("cifar100", num_classes=100, train_per_class=500, image_size=32),
-  "miniimagenet": DatasetFacts("miniimagenet", num_classes=100, train_per_class=500, image_size=84),
-  # scikit-learn's 8x8 digits, which the loader enlarges to 32x32: at least 174 images per
-  # class, about 30% of them held out as test.
-  "digits": DatasetFacts("digits", num_classes=10, train_per_class=120, image_size=32),
-}
-DATASET_NAMES = (*DATASET_FACTS, "synthetic")
-SYNTHETIC_KEYS = (
-  "synthetic.num_classes",
-  "synthetic.train_per_class",
-  "synthetic.test_per_class",
-  "synthetic.image_size",
-  "synthetic.seed",
+from mark_jax.data.facts import FACTS, DatasetFacts, synthetic_facts
+from mark_jax.shapes import CONV_IMPLS, MIN_IMAGE_SIZE
+from mark_jax.value_checks import (
+  Check,
+  boolean,
+  min_int,
+  non_negative_float,
+  non_negative_int,
+  one_of,
+  optional_float,
+  optional_non_negative_int,
+  positive_float,
+  positive_int,
+  positive_ints,
+  seed,
+  string,
+  unit_interval,
+  zero_or_network_size,
 )
 
-
-# Single-value checks.
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+# Dataset facts (mark_jax.data.facts).
 
 
-def _is_finite_number(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def positive_int(value: Any) -> str | None:
-  return None if _is_int(value) and value > 0 else "must be a positive integer"
-
-
-def non_negative_int(value: Any) -> str | None:
-  return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
-
-
-def seed(value: Any) -> str | None:
-  return None if _is_int(value) and 0 <= value < SEED_LIMIT else "must be an integer in [0, 2**32)"
-
-
-def positive_float(value: Any) -> str | None:
-  return None if _is_finite_number(value) and value > 0 else "must be a positive finite number"
-
-
-def non_negative_float(value: Any) -> str | None:
-  ok = _is_finite_number(value) and value >= 0
-  return None if ok else "must be a non-negative finite number"
-
-
-def unit_interval(value: Any) -> str | None:
-  return None if _is_finite_number(value) and 0 <= value < 1 else "must be a number in [0, 1)"
-
-
-def optional_float(value: Any) -> str | None:
-  ok = value is None or _is_finite_number(value)
-  return None if ok else "must be None or a finite number"
-
-
-def optional_non_negative_int(value: Any) -> str | None:
-  ok = value is None or (_is_int(value) and value >= 0)
-  return None if ok else "must be None or a non-negative integer"
-
-
-def boolean(value: Any) -> str | None:
-  return None if isinstance(value, bool) else "must be True or False"
-
-
-def string(value: Any) -> str | None:
-  return None if isinstance(value, str) else "must be a string"
-
-
-def zero_or_network_size(value: Any) -> str | None:
-  ok = _is_int(value) and (value == 0 or value >= MIN_IMAGE_SIZE)
-  return None if ok else f"must be 0 (the dataset's size) or an integer >= {MIN_IMAGE_SIZE}"
-
-
-def min_int(minimum: int) -> Check:
-  """An integer >= minimum."""
-  return lambda value: (
-    None if _is_int(value) and value >= minimum else f"must be an integer >= {minimum}"
-  )
-
-
-def one_of(names: Sequence[str]) -> Check:
-  """One of the given names."""
-  allowed = ", ".join(sorted(names))
-  return lambda value: (
-    None if isinstance(value, str) and value in names else f"must be one of: {allowed}"
-  )
-
-
-def positive_ints(length: int) -> Check:
-  """A sequence of exactly `length` positive integers."""
-
-  def check(value: Any) -> str | None:
-    ok = (
-      isinstance(value, Sequence)
-      and not isinstance(value, str)
-      and len(value) == length
-      and all(_is_int(v) and v > 0 for v in value)
-    )
-    return None if ok else f"must be a sequence of exactly {length} positive integers"
-
-  return check
+DATASET_NAMES = (*FACTS, "synthetic")
+SYNTHETIC_KEYS = tuple(
+  f"synthetic.{key}"
+  for key in ("num_classes", "train_per_class", "test_per_class", "image_size", "seed")
+)
 
 
 REQUIRED = object()
@@ -290,24 +143,6 @@ behaviour of the code before the key existed, so a workdir started then resumes 
 # dataset is unknown or its synthetic settings are bad.
 
 
-def _count(number: int, noun: str) -> str:
-  return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _task_count(values: dict[str, Any], facts: DatasetFacts) -> int:
-  return facts.num_classes // values["classes_per_task"]
-
-
-def _tasks_run(values: dict[str, Any], facts: DatasetFacts) -> int:
-  return values["max_tasks"] or _task_count(values, facts)
-
-
-def _task_train_examples(values: dict[str, Any], facts: DatasetFacts) -> int:
-  """A task's training images after the validation hold-out, rounded down (conservative)."""
-  examples = values["classes_per_task"] * facts.train_per_class
-  return examples - math.ceil(examples * values["validation_fraction"])
-
-
 def masks_need_feature_extractor(values, facts) -> str | None:
   if values["use_masks"] and not values["use_feature_extractor"]:
     return "requires --config.use_masks=False (the masks come from the feature extractor)"
@@ -316,12 +151,12 @@ def masks_need_feature_extractor(values, facts) -> str | None:
 
 def shared_needs_feature_extractor(values, facts) -> str | None:
   if values["shared_feature_extractor"] and not values["use_feature_extractor"]:
-    return "requires --config.use_feature_extractor=True (there is no feature extractor to share)"
+    return "requires --config.use_feature_extractor=True (no feature extractor to share)"
   return None
 
 
 def restore_dir_needs_task(values, facts) -> str | None:
-  if values["restore_dir"] and values["restore_task"] is None:
+  if bool(values["restore_dir"]) and values["restore_task"] is None:
     return "requires --config.restore_task (the task to restore from that directory)"
   return None
 
@@ -337,21 +172,22 @@ def classes_divide(values, facts) -> str | None:
 
 
 def max_tasks_within_dataset(values, facts) -> str | None:
-  tasks = _task_count(values, facts)
+  tasks = facts.num_classes // values["classes_per_task"]
   if values["max_tasks"] <= tasks:
     return None
-  return f"must be at most the {_count(tasks, 'task')} of {facts.name} (0: all)"
+  return f"must be at most the {tasks} task{'s' * (tasks != 1)} of {facts.name} (0: all)"
 
 
 def restore_task_within_run(values, facts) -> str | None:
-  tasks = _tasks_run(values, facts)
+  tasks = values["max_tasks"] or facts.num_classes // values["classes_per_task"]
   if values["restore_task"] is None or values["restore_task"] < tasks:
     return None
   return f"must be below {tasks}, the number of tasks this run trains"
 
 
 def batch_fits_task(values, facts) -> str | None:
-  examples = _task_train_examples(values, facts)
+  examples = values["classes_per_task"] * facts.train_per_class
+  examples -= math.ceil(examples * values["validation_fraction"])  # rounded down, as the split
   if values["batch_size"] <= examples:
     return None
   return (
@@ -437,14 +273,13 @@ def _dataset_facts(values: dict[str, Any], bad_keys: set[str]) -> DatasetFacts |
   if "dataset" in bad_keys:
     return None
   if dataset != "synthetic":
-    return DATASET_FACTS[dataset]
+    return FACTS[dataset]
   if bad_keys.intersection(SYNTHETIC_KEYS):
     return None
-  return DatasetFacts(
-    "synthetic",
-    num_classes=values["synthetic.num_classes"],
-    train_per_class=values["synthetic.train_per_class"],
-    image_size=values["synthetic.image_size"],
+  return synthetic_facts(
+    values["synthetic.num_classes"],
+    values["synthetic.train_per_class"],
+    values["synthetic.image_size"],
   )
 
 

@@ -15,8 +15,8 @@ import time
 from absl import logging
 from etils import epath
 
-from mark_jax.errors import WorkdirError
-from mark_jax.validation import MISSING_KEY_VALUES
+from mark_jax.config_checks import MISSING_KEY_VALUES
+from mark_jax.runtime.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 # Keys that do not change a run's numbers beyond float rounding: where data and

@@ -20,8 +20,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mark_jax import metrics
-from mark_jax import workdir as workdir_lib
-from mark_jax.errors import CheckpointError, WorkdirError
+from mark_jax.runtime import workdir as workdir_lib
+from mark_jax.runtime.errors import CheckpointError, WorkdirError
 
 DAMAGED_DIR = "damaged_checkpoints"
 

@@ -31,9 +31,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mark_jax import safe_pickle
-from mark_jax.data import check_labels
-from mark_jax.errors import DataError
+from mark_jax.data import safe_pickle
+from mark_jax.data.facts import FACTS
+from mark_jax.data.tasks import check_labels
+from mark_jax.runtime.errors import DataError
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
@@ -45,9 +46,9 @@ CIFAR100_MD5 = {
   "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
   "meta": "7973b15100ade9c7d40fb424638fde48",
 }
-MINIIMAGENET_SIZE = 84
-NUM_CLASSES = 100  # both benchmarks
-MINIIMAGENET_TRAIN_PER_CLASS = 500  # of each class's 600 images in the cache pickles
+MINIIMAGENET_SIZE = FACTS["miniimagenet"].image_size
+NUM_CLASSES = FACTS["cifar100"].num_classes  # as many in MiniImageNet
+MINIIMAGENET_TRAIN_PER_CLASS = FACTS["miniimagenet"].train_per_class  # of each class's 600
 
 
 def md5(path: epath.Path) -> str:

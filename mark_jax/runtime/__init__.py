@@ -1,0 +1,2 @@
+"""What a run needs around MARK's pure core: devices, checkpoints, the workdir, signals,
+logs and metrics, and the errors a user can act on."""

@@ -25,7 +25,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from mark_jax import metrics, report_plots
+from mark_jax import metrics, paired, report_markdown, report_plots
 from mark_jax.runtime import workdir as workdir_lib
 from mark_jax.runtime.errors import UserError, run_or_exit
 
@@ -41,6 +41,20 @@ _LABELS = flags.DEFINE_list(
   "Comma-separated names of the groups of runs, one per group in order of first "
   "appearance on the command line; default: the config values that differ between "
   "groups (key=value), or the dataset name when there is a single group.",
+)
+
+_BASELINE = flags.DEFINE_string(
+  "baseline",
+  None,
+  "Label of the group the others are compared with, seed by seed (paired differences of ACC "
+  "and BWT with t intervals, Holm-adjusted); default: the first group.",
+)
+_PAIR_BY = flags.DEFINE_enum(
+  "pair_by",
+  "seed",
+  paired.UNITS,
+  "What a paired interval counts: seeds (independent draws), or each seed's tasks (sound "
+  "against a KB frozen after task 0; tasks of one seed are not independent).",
 )
 
 RESULTS_FILE = "results.json"
@@ -233,69 +247,36 @@ def summarize_group(group: Group) -> dict:
   }
 
 
-def _percent(mean: float, std: float | None) -> str:
-  return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+def paired_comparisons(groups: list[Group], baseline: str | None, unit: str) -> tuple[str, dict]:
+  """Every group with the baseline's task count against the baseline, on shared seeds.
+
+  Returns:
+    (the baseline's label, label -> paired.compare's entry).
+  """
+  by_label = {group.label: group for group in groups}
+  baseline = groups[0].label if baseline is None else baseline
+  if baseline not in by_label:
+    raise ReportError(f"--baseline={baseline}: no such group; groups: {', '.join(by_label)}")
+
+  def by_seed(group: Group) -> dict:
+    return {run.config.get("seed"): run.seen_accuracy for run in group.runs}
+
+  tasks = by_label[baseline].runs[0].tasks_completed
+  others = {
+    g.label: by_seed(g)
+    for g in groups
+    if g.label != baseline and g.runs[0].tasks_completed == tasks
+  }
+  return baseline, paired.compare(by_seed(by_label[baseline]), others, unit)
 
 
-def _duration(seconds: float | None) -> str:
-  if seconds is None:
-    return "n/a"
-  if seconds < 3600:
-    return f"{seconds / 60:.1f} min"
-  return f"{seconds / 3600:.2f} h"
-
-
-def _escape(text: str) -> str:
-  return text.replace("|", "\\|")
-
-
-def markdown_table(summaries: dict[str, dict]) -> str:
-  """One row per group: label, seeds, tasks, ACC and BWT (%, mean ± std), mean wall time."""
-  lines = [
-    "| Run | Seeds | Tasks | ACC (%) | BWT (%) | Wall time |",
-    "|---|---|---|---:|---:|---:|",
-  ]
-  for label, s in summaries.items():
-    seeds = f"{len(s['seeds'])} ({', '.join(str(seed) for seed in s['seeds'])})"
-    tasks = f"{s['tasks_completed']}/{s['num_tasks']}" + (" (partial)" if s["partial"] else "")
-    lines.append(
-      f"| {_escape(label)} | {seeds} | {tasks} | {_percent(s['acc_mean'], s['acc_std'])} | "
-      f"{_percent(s['bwt_mean'], s['bwt_std'])} | {_duration(s['wall_seconds_mean'])} |"
-    )
-  return "\n".join(lines)
-
-
-def per_task_table(summary: dict) -> str:
-  """One row per completed task: final accuracy and forgetting (%, mean ± std over seeds)."""
-  lines = ["| Task | Final accuracy (%) | Forgetting (%) |", "|---:|---:|---:|"]
-  for u in range(summary["tasks_completed"]):
-    final = _percent(*_task_stat(summary, "final_accuracy", u))
-    forgetting = "–"
-    if u < len(summary["forgetting_mean"]):
-      forgetting = _percent(*_task_stat(summary, "forgetting", u))
-    lines.append(f"| {u} | {final} | {forgetting} |")
-  return "\n".join(lines)
-
-
-def _task_stat(summary: dict, name: str, task: int) -> tuple[float, float | None]:
-  std = summary[f"{name}_std"]
-  return summary[f"{name}_mean"][task], None if std is None else std[task]
-
-
-def markdown_report(summaries: dict[str, dict]) -> str:
-  """report.md: the groups' table, then each group's per-task table."""
-  sections = ["# MARK results", markdown_table(summaries)]
-  for label, summary in summaries.items():
-    sections += [f"## {label}", per_task_table(summary)]
-  sections.append(
-    "ACC: mean final accuracy over tasks. BWT: mean over tasks but the last of final minus "
-    "just-learned accuracy. Forgetting: best accuracy before the last task minus final "
-    "accuracy. Mean ± sample std (ddof=1) over seeds."
-  )
-  return "\n\n".join(sections) + "\n"
-
-
-def build_report(workdirs: list[str], out_dir: str, labels: list[str] | None = None) -> str:
+def build_report(
+  workdirs: list[str],
+  out_dir: str,
+  labels: list[str] | None = None,
+  baseline: str | None = None,
+  pair_by: str = "seed",
+) -> str:
   """Loads the runs, writes the plots, report.md and report.json into `out_dir`.
 
   Returns:
@@ -306,17 +287,23 @@ def build_report(workdirs: list[str], out_dir: str, labels: list[str] | None = N
   """
   groups = group_runs([load_run(workdir) for workdir in workdirs], labels)
   summaries = {group.label: summarize_group(group) for group in groups}
+  table = report_markdown.summary_table(summaries)
+  if len(groups) > 1:
+    baseline, comparisons = paired_comparisons(groups, baseline, pair_by)
+    for label, comparison in comparisons.items():
+      summaries[label]["paired_to_baseline"] = {"baseline": baseline, **comparison}
+    table += "\n\n" + paired.markdown(comparisons, baseline)
   try:
     os.makedirs(out_dir, exist_ok=True)
     report_plots.plot_heatmaps(groups, os.path.join(out_dir, "accuracy_matrix.png"))
     report_plots.plot_over_time(groups, os.path.join(out_dir, "accuracy_over_time.png"))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-      f.write(markdown_report(summaries))
+      f.write(report_markdown.report(summaries, table))
     with open(os.path.join(out_dir, "report.json"), "w") as f:
       json.dump(summaries, f, indent=2)
   except OSError as error:
     raise ReportError(f"{out_dir}: cannot write the report ({error})") from None
-  return markdown_table(summaries)
+  return table
 
 
 def main(argv):
@@ -324,7 +311,7 @@ def main(argv):
   if not workdirs:
     raise app.UsageError("give at least one WORKDIR")
   out_dir = _OUT.value or workdirs[0]
-  table = build_report(workdirs, out_dir, _LABELS.value)
+  table = build_report(workdirs, out_dir, _LABELS.value, _BASELINE.value, _PAIR_BY.value)
   print(table)
   print(f"wrote accuracy_matrix.png, accuracy_over_time.png, report.md, report.json to {out_dir}")
 

@@ -213,3 +213,21 @@ def test_cli_prints_table_and_writes_the_report(tmp_path):
   expected = {"accuracy_matrix.png", "accuracy_over_time.png", "report.md", "report.json"}
   assert set(os.listdir(out)) == expected
   assert not os.path.exists(os.path.join(workdir, "report.md"))
+
+
+def test_groups_sharing_seeds_are_compared_with_the_baseline(tmp_path):
+  frozen = [[0.90, None], [0.80, 0.70]]
+  workdirs = []
+  for seed, gain in ((48, 0.01), (49, 0.03), (51, 0.02)):
+    workdirs.append(_write_run(tmp_path / f"f{seed}", frozen, _config(seed, meta_rounds=0)))
+    mark = [[0.90, None], [0.80 + gain, 0.70]]
+    workdirs.append(_write_run(tmp_path / f"m{seed}", mark, _config(seed)))
+  table, markdown, summaries = _report(tmp_path, workdirs, ["frozen", "MARK"])
+  paired_entry = summaries["MARK"]["paired_to_baseline"]
+  assert paired_entry["baseline"] == "frozen" and paired_entry["seeds"] == [48, 49, 51]
+  assert paired_entry["acc"]["mean"] == pytest.approx(0.01)  # gains / 2 tasks, mean of seeds
+  assert paired_entry["acc"]["low"] < 0.01 < paired_entry["acc"]["high"]
+  assert "Paired differences to frozen" in table and "| MARK | 48, 49, 51 | seed (3) |" in table
+  assert "Paired differences to frozen" in markdown
+  with pytest.raises(report.ReportError, match="--baseline=nope: no such group"):
+    report.build_report(workdirs, str(tmp_path / "out2"), ["frozen", "MARK"], "nope")

@@ -35,6 +35,21 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   "Continue in a workdir that was started with a different config (the old config.json is "
   "kept under another name).",
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  "",
+  "host:port of process 0, to join processes started by hand (scripts/multihost_local.sh); "
+  "empty: one process, or, with --config.distributed=True, a TPU slice that finds its hosts.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", 1, "Processes of the run (with --coordinator_address).", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id",
+  0,
+  "This process's number, 0..num_processes-1 (with --coordinator_address).",
+  lower_bound=0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,8 +77,11 @@ def main(argv):
   import jax  # After flag parsing, so --help stays fast.
 
   devices.set_cpu_devices(_CONFIG.value.cpu_devices)
-  if _CONFIG.value.distributed:
-    jax.distributed.initialize()
+  if _COORDINATOR.value or _CONFIG.value.distributed:
+    if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+      raise app.UsageError(f"--process_id={_PROCESS_ID.value}: must be below --num_processes")
+    devices.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logs.label_process(jax.process_index(), jax.process_count())
   logging.info(
     "JAX %s on %s: process %d of %d, %d devices",
     jax.__version__,

@@ -80,3 +80,26 @@ def set_cpu_devices(count: int) -> None:
   )
   if count > 0 and not user_set:
     jax.config.update("jax_num_cpu_devices", count)
+
+
+def join_processes(
+  coordinator_address: str = "", num_processes: int = 0, process_id: int = 0, timeout_s: int = 120
+) -> None:
+  """Joins this process to the run's other processes (`jax.distributed.initialize`).
+
+  On a Cloud TPU slice, with no arguments, every host finds the others itself. Given a
+  coordinator address (processes started by hand, such as scripts/multihost_local.sh on one
+  machine), it joins `num_processes` processes there as number `process_id`; on CPU their
+  collectives go through gloo. A process that cannot reach the others within `timeout_s`
+  fails instead of waiting for ever.
+  """
+  if not coordinator_address:
+    jax.distributed.initialize()
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=timeout_s,
+  )

@@ -46,6 +46,18 @@ def quiet_logs(keep_own_info: bool = True) -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def label_process(index: int, count: int) -> None:
+  """Prefixes every log line of process `index` > 0 of a multi-process run with its number."""
+  if index == 0 or count < 2:
+    return
+
+  def label(record) -> bool:
+    record.msg = f"[process {index} of {count}] {record.msg}"
+    return True
+
+  logging.get_absl_handler().addFilter(label)
+
+
 class PhaseProgress:
   """Progress through the epochs (or rounds) of one phase.
 

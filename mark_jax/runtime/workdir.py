@@ -5,7 +5,7 @@
 - `check_config`: a workdir started with another configuration is refused (the keys in
   `CHANGEABLE_KEYS` may differ), unless the user forces it; the config is then saved. A
   key that the workdir's config lacks (added to the code since) takes the value that run
-  used (validation.MISSING_KEY_VALUES).
+  used (config_checks.MISSING_KEY_VALUES).
 """
 
 import json
@@ -114,7 +114,7 @@ def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: boo
   """Refuses a workdir started with another config; saves the config as config.json.
 
   Keys missing from the workdir's config.json are set in `config` to the value that run
-  used (validation.MISSING_KEY_VALUES).
+  used (config_checks.MISSING_KEY_VALUES).
 
   Args:
     workdir: the run's directory.

@@ -1,0 +1,111 @@
+"""Multi-host on one machine: scripts/multihost_local.sh joins two launch.py processes (one
+CPU device each) over loopback with jax.distributed, as the hosts of a Cloud TPU slice."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "multihost_local.sh"
+
+
+def _env(base: dict | None = None) -> dict:
+  """The script's environment: this interpreter first on PATH, a short stop grace."""
+  env = dict(base or os.environ)
+  env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+  env["MARK_STOP_GRACE"] = "10"
+  return env
+
+
+def _launch(workdir: Path, env: dict) -> subprocess.Popen:
+  command = ["bash", str(SCRIPT), str(workdir), "--config", "configs/smoke.py"]
+  return subprocess.Popen(
+    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 900) -> str:
+  output, _ = process.communicate(timeout=timeout)
+  assert process.returncode == 0, output[-3000:]
+  return output
+
+
+def _results(workdir: Path) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+def _assert_close(results: dict, reference: dict) -> None:
+  """Equal up to float rounding: ACC within 0.02, no accuracy more than 0.05 apart."""
+  assert abs(results["acc"] - reference["acc"]) <= 0.02
+  ours, theirs = (
+    np.array(r["accuracy_matrix"], dtype=float) for r in (results, reference)
+  )  # None -> nan
+  np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+  assert np.nanmax(np.abs(ours - theirs)) <= 0.05
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, compilation_cache_dir) -> tuple[Path, str]:
+  """(workdir, output) of configs/smoke.py run by two processes."""
+  workdir = tmp_path_factory.mktemp("multihost") / "run"
+  env = _env()
+  env.update(
+    JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  return workdir, _finish(_launch(workdir, env))
+
+
+def test_two_processes_give_the_one_process_results(two_processes, smoke_run):
+  workdir, output = two_processes
+  _, reference = smoke_run  # one process, two devices: the same mesh
+  _assert_close(_results(workdir), reference)
+  assert "[process 1]" in output and "[process 1 of 2] task 2 done" in output
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["0", "1", "2"]
+  # Only process 0 writes the run's files: one metrics line per record, not two.
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  tests = [r for r in records if r.get("phase") == "test"]
+  assert [r["task"] for r in tests] == [0, 1, 2]
+
+
+def test_a_damaged_checkpoint_is_passed_over_as_with_one_process(two_processes, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_processes[0], workdir)
+  reference = _results(workdir)
+  state_files = (workdir / "checkpoints" / "2" / "state").rglob("*")
+  damaged = max((p for p in state_files if p.is_file()), key=os.path.getsize)
+  with open(damaged, "r+b") as f:
+    f.seek(damaged.stat().st_size // 2)
+    f.write(b"\0" * 64)
+  output = _finish(_launch(workdir, _env()))
+  assert (workdir / "damaged_checkpoints").is_dir(), output[-3000:]
+  assert "Resuming after task 1" in output
+  _assert_close(_results(workdir), reference)
+
+
+def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(two_processes, tmp_path):
+  workdir = tmp_path / "run"
+  process = _launch(workdir, _env())  # no compilation cache: a SIGKILL could corrupt it
+  deadline = time.monotonic() + 600
+  while not (workdir / "checkpoints" / "0").is_dir():
+    assert process.poll() is None and time.monotonic() < deadline, "no checkpoint of task 0"
+    time.sleep(0.5)
+  pattern = f"launch.py .*--workdir {workdir} .*--process_id=1"
+  victim = int(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout)
+  os.kill(victim, signal.SIGKILL)
+  output, _ = process.communicate(timeout=120)  # the other process must not hang
+  assert process.returncode != 0
+  assert "process 1 exited with status" in output and "stopping the others" in output
+  assert not (workdir / "checkpoints" / "2").exists()
+
+  output = _finish(_launch(workdir, _env()))
+  assert "Resuming after task" in output
+  _assert_close(_results(workdir), _results(two_processes[0]))

@@ -26,7 +26,7 @@ from mark_jax import mark, metalearning, state
 from mark_jax import phases as phases_lib
 from mark_jax.data import datasets, facts
 from mark_jax.data.tasks import TaskData
-from mark_jax.models import normalize
+from mark_jax.models import Networks, normalize
 from mark_jax.runtime import devices, errors, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -105,7 +105,9 @@ def run(config, repeats: int, time_task: bool) -> dict:
   programs = mark.build_programs(config, benchmark)
   native_config = config.copy_and_resolve_references()
   native_config.conv_impl = "native"
-  native = mark.build_programs(native_config, benchmark)  # counts the model's FLOPs
+  # The model's FLOPs are counted on the networks with native convolutions.
+  native_nets = Networks(native_config, benchmark.image_size, benchmark.classes_per_task)
+  native_phases = phases_lib.make_phases(native_nets, native_config, benchmark.mean, benchmark.std)
   run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   task = benchmark.tasks[1]
   data = mark.device_data(config, programs.mesh, task)
@@ -137,7 +139,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
     compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
     epoch_s = float(np.median(_time(compiled, args, repeats)))
-    step = functools.partial(phases_lib.train_step, native.phases[name])
+    step = functools.partial(phases_lib.train_step, native_phases[name])
     flops = _flops(step, frozen, phases_lib.init_state(phase, params, model_state), batch, rng)
     step_s = epoch_s / steps_per_epoch
     results["phases"][name] = {
@@ -155,10 +157,10 @@ def run(config, repeats: int, time_task: bool) -> dict:
   args = (kb, task_vars, data["train_image"], data["train_label"], rng)
   compiled, compile_s = _compile(programs.meta_round, args)
   round_s = float(np.median(_time(compiled, args, repeats)))
-  init_inner, inner_step = metalearning.make_inner_step(native.nets, config)
+  init_inner, inner_step = metalearning.make_inner_step(native_nets, config)
   params = {"knowledge_base": run_state["knowledge_base"], "head": model["head"]}
   images = normalize(batch["image"], benchmark.mean, benchmark.std)
-  masks = native.nets.masks(model, images, config.use_masks)
+  masks = native_nets.masks(model, images, config.use_masks)
   inner_flops = _flops(inner_step, params, init_inner(params), images, batch["label"], masks, rng)
   round_flops = inner_flops * config.mini_tasks * config.inner_steps
   results["meta_round"] = {

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mark_jax import mark, state
+from mark_jax import mark, phases, state
 from mark_jax.data import datasets
 from mark_jax.models import Networks
 from mark_jax.runtime import checkpointing, logs
@@ -65,7 +65,8 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
   run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
   test = mark.device_test_data(config, mesh, benchmark.tasks)
-  evaluate_all = mark.make_evaluate_all(nets, config, benchmark.mean, benchmark.std)
+  accuracy = phases.make_accuracy_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
+  evaluate_all = mark.make_evaluate_all(accuracy, config.use_masks)
   accuracy = np.asarray(evaluate_all(run_state["knowledge_base"], run_state["tasks"], test))
   return {
     "workdir": str(workdir),

@@ -58,14 +58,18 @@ def make_mesh(config) -> jax.sharding.Mesh:
     raise ConfigError(str(error)) from None
 
 
-def make_evaluate_all(nets: Networks, config, mean, std) -> Callable:
-  """Jitted `(knowledge_base, tasks, test) -> accuracy per task`, vmapped over the tasks."""
-  accuracy = phases_lib.make_accuracy_fn(nets, mean, std, config.eval_batch_size)
+def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
+  """Jitted `(knowledge_base, tasks, test) -> accuracy per task`, vmapped over the tasks.
+
+  Args:
+    accuracy: a model's accuracy on weighted examples (phases.make_accuracy_fn).
+    use_masks: whether the models apply their masks.
+  """
 
   def evaluate_all(knowledge_base, tasks, test):
     def one(task, images, labels, weights):
       model = {**task, "knowledge_base": knowledge_base}
-      return accuracy(model, images, labels, weights, config.use_masks)
+      return accuracy(model, images, labels, weights, use_masks)
 
     return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
 
@@ -101,7 +105,7 @@ def build_programs(config, benchmark) -> Programs:
     meta_round=jax.jit(meta_round, donate_argnums=0),
     accuracy=jax.jit(accuracy, static_argnums=4),
     mask_statistics=jax.jit(phases_lib.make_mask_statistics_fn(nets, mean, std)),
-    evaluate_all=make_evaluate_all(nets, config, mean, std),
+    evaluate_all=make_evaluate_all(accuracy, config.use_masks),
   )
 
 

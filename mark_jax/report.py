@@ -57,6 +57,15 @@ _PAIR_BY = flags.DEFINE_enum(
   "against a KB frozen after task 0; tasks of one seed are not independent).",
 )
 
+_TASKS = flags.DEFINE_integer(
+  "tasks",
+  None,
+  "Report only the first TASKS tasks of every run, as a run with --config.max_tasks=TASKS "
+  "would have trained them (a run's first tasks do not depend on how many follow); every "
+  "run must have finished them.",
+  lower_bound=1,
+)
+
 RESULTS_FILE = "results.json"
 # Seeds of one variant differ only in these keys.
 IGNORED_CONFIG_KEYS = workdir_lib.CHANGEABLE_KEYS | {"seed"}
@@ -116,11 +125,17 @@ class Group:
     return np.mean([run.seen_accuracy for run in self.runs], axis=0)
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, tasks: int | None = None) -> Run:
   """Reads WORKDIR/results.json, as training wrote it.
 
+  Args:
+    workdir: the run's directory.
+    tasks: keep only the first `tasks` tasks, and count the run as one with max_tasks=tasks;
+      None keeps them all.
+
   Raises:
-    ReportError: the directory or file is missing, or it is not a results.json of training.
+    ReportError: the directory or file is missing, it is not a results.json of training, or
+      the run has not finished `tasks` tasks.
   """
   path = os.path.join(workdir, RESULTS_FILE)
   if not os.path.isdir(workdir):
@@ -137,6 +152,10 @@ def load_run(workdir: str) -> Run:
     raise ReportError(f"{path}: not a results.json written by training ({error!r})") from None
   if accuracy.ndim != 2 or not 0 < accuracy.shape[0] <= accuracy.shape[1]:
     raise ReportError(f"{path}: accuracy_matrix is not a (tasks done, tasks) matrix")
+  if tasks is not None:
+    if accuracy.shape[0] < tasks:
+      raise ReportError(f"{workdir}: --tasks={tasks} but the run finished {accuracy.shape[0]}")
+    accuracy, config, wall_seconds = accuracy[:tasks, :tasks], {**config, "max_tasks": tasks}, None
   return Run(workdir, config, accuracy, wall_seconds)
 
 
@@ -276,8 +295,9 @@ def build_report(
   labels: list[str] | None = None,
   baseline: str | None = None,
   pair_by: str = "seed",
+  tasks: int | None = None,
 ) -> str:
-  """Loads the runs, writes the plots, report.md and report.json into `out_dir`.
+  """Loads the runs (their first `tasks` tasks), writes plots, report.md and report.json.
 
   Returns:
     The groups' Markdown table.
@@ -285,7 +305,7 @@ def build_report(
   Raises:
     ReportError: a WORKDIR is unusable, or the runs cannot be grouped as asked.
   """
-  groups = group_runs([load_run(workdir) for workdir in workdirs], labels)
+  groups = group_runs([load_run(workdir, tasks) for workdir in workdirs], labels)
   summaries = {group.label: summarize_group(group) for group in groups}
   table = report_markdown.summary_table(summaries)
   if len(groups) > 1:
@@ -311,7 +331,9 @@ def main(argv):
   if not workdirs:
     raise app.UsageError("give at least one WORKDIR")
   out_dir = _OUT.value or workdirs[0]
-  table = build_report(workdirs, out_dir, _LABELS.value, _BASELINE.value, _PAIR_BY.value)
+  table = build_report(
+    workdirs, out_dir, _LABELS.value, _BASELINE.value, _PAIR_BY.value, _TASKS.value
+  )
   print(table)
   print(f"wrote accuracy_matrix.png, accuracy_over_time.png, report.md, report.json to {out_dir}")
 

@@ -165,6 +165,18 @@ def test_seeds_with_different_numbers_of_tasks_are_refused(tmp_path):
     _report(tmp_path, [done, running])
 
 
+def test_tasks_flag_compares_a_long_run_with_a_short_one_on_their_first_tasks(tmp_path):
+  short = _write_run(tmp_path / "short", THREE_TASKS[:2], _config(48, max_tasks=2))
+  long = _write_run(tmp_path / "long", THREE_TASKS, _config(49, max_tasks=3))
+  out = tmp_path / "out"
+  report.build_report([short, long], str(out), tasks=2)
+  summaries = json.loads((out / "report.json").read_text())
+  assert list(summaries) == ["synthetic"]  # max_tasks=3 counts as 2: one group of two seeds
+  assert summaries["synthetic"]["acc_mean"] == pytest.approx((0.85 + 0.80) / 2)
+  with pytest.raises(report.ReportError, match="--tasks=3 but the run finished 2"):
+    report.build_report([short, long], str(out), tasks=3)
+
+
 def test_wrong_number_of_labels_is_refused(tmp_path):
   workdir = _write_run(tmp_path / "run", THREE_TASKS)
   with pytest.raises(report.ReportError, match="names 2 groups but the runs form 1"):

@@ -7,6 +7,11 @@ Ctrl-C (SIGINT) or SIGTERM stops between two steps and says where the run will r
 The paper's protocol, three seeds in one command (each seed in DIR/seed_<seed>, resumable;
 then DIR gets the report of mark_jax.report, mean ± std over the seeds):
   python launch.py --config configs/cifar100.py --workdir DIR --seeds=48,49,51
+
+Seeds crossed with step sizes of the metalearning round, all trained as one compiled
+program (mark_jax.runs; each run in DIR/meta_step_size=<value>/seed_<seed>):
+  python launch.py --config configs/cifar100.py --workdir DIR --seeds=48,49,51 \
+    --sweep=meta_step_size=0,0.001,0.01 --config.runs_in_one_program=True
 """
 
 import os
@@ -26,8 +31,16 @@ _WORKDIR = flags.DEFINE_string(
 _SEEDS = flags.DEFINE_list(
   "seeds",
   None,
-  "Run these seeds one after another, each in WORKDIR/seed_<seed>, then report them together "
-  "in WORKDIR (the authors' protocol: 48,49,51).",
+  "Run these seeds, each in WORKDIR/seed_<seed>, then report them together in WORKDIR (the "
+  "authors' protocol: 48,49,51): as one program with --config.runs_in_one_program=True "
+  "(default on GPU/TPU), else one after another.",
+)
+_SWEEP = flags.DEFINE_multi_string(
+  "sweep",
+  [],
+  "KEY=V1,V2,...: also run each value of this step size of the metalearning round "
+  "(meta_step_size, meta_sign, meta_weight_decay, inner_learning_rate, inner_weight_decay), "
+  "crossed with the seeds and with other --sweep flags, each in WORKDIR/KEY=VALUE/seed_<seed>.",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   "allow_config_change",
@@ -53,21 +66,24 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_seeds(config, workdir: str, seeds: list[int]) -> None:
-  """Runs `config` once per seed in workdir/seed_<seed>, then reports them in workdir."""
+def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
+  """Runs every seed x swept setting in its own folder of `workdir`, then reports them there."""
   import jax
 
-  from mark_jax import report  # Its flags only matter here.
+  from mark_jax import report, runs  # Their flags and imports only matter here.
 
-  seed_dirs = []
-  for seed in seeds:
-    seeded = config.copy_and_resolve_references()
-    seeded.seed = seed
-    seed_dirs.append(os.path.join(workdir, f"seed_{seed}"))
-    logging.info("=== seed %d in %s", seed, seed_dirs[-1])
-    train.train_and_evaluate(seeded, seed_dirs[-1], _ALLOW_CONFIG_CHANGE.value)
+  planned = runs.expand(config, seeds, runs.parse_sweeps(config, sweeps))
+  run_dirs = [os.path.join(workdir, folder) for folder, _ in planned]
+  configs = [run_config for _, run_config in planned]
+  if runs.in_one_program(config):
+    logging.info("=== %d runs as one program in %s", len(planned), workdir)
+    runs.train_and_evaluate_runs(configs, run_dirs, _ALLOW_CONFIG_CHANGE.value)
+  else:
+    for run_dir, run_config in zip(run_dirs, configs, strict=True):
+      logging.info("=== seed %d in %s", run_config.seed, run_dir)
+      train.train_and_evaluate(run_config, run_dir, _ALLOW_CONFIG_CHANGE.value)
   if jax.process_index() == 0:
-    print(report.build_report(seed_dirs, workdir))
+    print(report.build_report(run_dirs, workdir))
 
 
 def main(argv):
@@ -90,12 +106,12 @@ def main(argv):
     jax.process_count(),
     jax.device_count(),
   )
-  if _SEEDS.value:
+  if _SEEDS.value or _SWEEP.value:
     try:
-      seeds = [int(seed) for seed in _SEEDS.value]
+      seeds = [int(seed) for seed in _SEEDS.value or [_CONFIG.value.seed]]
     except ValueError:
       raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
-    run_seeds(_CONFIG.value, _WORKDIR.value, seeds)
+    run_many(_CONFIG.value, _WORKDIR.value, seeds, _SWEEP.value)
   else:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 

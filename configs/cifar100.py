@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices: the K mini-tasks and each batch are spread over all local devices (a mesh).
   config.distributed = False  # True on a multi-host TPU slice: jax.distributed.initialize()
   config.cpu_devices = 2  # XLA devices made of the host CPU when JAX runs on CPU (0: one)
+  # --seeds / --sweep: train the runs as one program vmapped over them (None: by backend).
+  config.runs_in_one_program = config_dict.placeholder(bool)
 
   # Checkpoints.
   config.restore_task = config_dict.placeholder(int)  # restart after this task

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from mark_jax import mark, metalearning, state
 from mark_jax import phases as phases_lib
+from mark_jax import programs as programs_lib
 from mark_jax.data import datasets, facts
 from mark_jax.data.tasks import TaskData
 from mark_jax.models import Networks, normalize
@@ -102,7 +103,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
   """Measures everything the module docstring lists; returns a JSON-ready dict."""
   config = synthetic_config(config)
   benchmark = datasets.load_benchmark(config)
-  programs = mark.build_programs(config, benchmark)
+  programs = programs_lib.build_programs(config, benchmark)
   native_config = config.copy_and_resolve_references()
   native_config.conv_impl = "native"
   # The model's FLOPs are counted on the networks with native convolutions.
@@ -110,7 +111,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
   native_phases = phases_lib.make_phases(native_nets, native_config, benchmark.mean, benchmark.std)
   run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   task = benchmark.tasks[1]
-  data = mark.device_data(config, programs.mesh, task)
+  data = programs_lib.device_data(config, programs.mesh, task)
   model = {
     **state.task_slot(run_state["tasks"], 1),
     "knowledge_base": run_state["knowledge_base"],
@@ -157,7 +158,9 @@ def run(config, repeats: int, time_task: bool) -> dict:
   args = (kb, task_vars, data["train_image"], data["train_label"], rng)
   compiled, compile_s = _compile(programs.meta_round, args)
   round_s = float(np.median(_time(compiled, args, repeats)))
-  init_inner, inner_step = metalearning.make_inner_step(native_nets, config)
+  init_inner, inner_step = metalearning.make_inner_step(
+    native_nets, config, metalearning.round_settings(config)
+  )
   params = {"knowledge_base": run_state["knowledge_base"], "head": model["head"]}
   images = normalize(batch["image"], benchmark.mean, benchmark.std)
   masks = native_nets.masks(model, images, config.use_masks)
@@ -211,7 +214,7 @@ def _time_one_task(run: mark.Run, benchmark) -> float:
   """Wall time of task 1 (all five steps + evaluation), after task 0 compiled everything."""
   config, programs = run.config, run.programs
   run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
-  test = mark.device_test_data(config, programs.mesh, benchmark.tasks)
+  test = programs_lib.device_test_data(config, programs.mesh, benchmark.tasks)
 
   def train_and_test(t, run_state):
     run_state = mark.train_task(run, t, run_state, benchmark.tasks[t])

@@ -16,7 +16,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mark_jax import mark, phases, state
+from mark_jax import phases, state
+from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
 from mark_jax.models import Networks
 from mark_jax.runtime import checkpointing, logs
@@ -61,12 +62,12 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
       raise CheckpointError(f"{workdir} has no checkpoint yet")
   benchmark = datasets.load_benchmark(config)
   nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
-  mesh = mark.make_mesh(config)
+  mesh = programs_lib.make_mesh(config)
   abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
   run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
-  test = mark.device_test_data(config, mesh, benchmark.tasks)
+  test = programs_lib.device_test_data(config, mesh, benchmark.tasks)
   accuracy = phases.make_accuracy_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
-  evaluate_all = mark.make_evaluate_all(accuracy, config.use_masks)
+  evaluate_all = programs_lib.make_evaluate_all(accuracy, config.use_masks)
   accuracy = np.asarray(evaluate_all(run_state["knowledge_base"], run_state["tasks"], test))
   return {
     "workdir": str(workdir),

@@ -2,111 +2,25 @@
 
 `train_task(run, t, state, task_data)` trains F^t, pretrains the KB (task 0), trains M^t
 and C^t, enriches the KB by metalearning and consolidates M^t and C^t (docs/spec.md).
-The compiled functions come from `build_programs`, once per run, so nothing recompiles
+The compiled functions come from mark_jax.programs, once per run, so nothing recompiles
 between tasks; every epoch and metalearning round goes through `run_loop`, the one loop
 that checks for a stop request, shows progress, writes metrics and stops at a non-finite
-loss.
+loss. The same code trains runs stacked on a leading run axis (mark_jax.runs): each
+per-run operation goes through `programs.per_run`, and a run whose loss is not finite
+stops alone.
 """
 
 import dataclasses
-import functools
-from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
-from mark_jax import metalearning, state
 from mark_jax import phases as phases_lib
-from mark_jax.data import tasks as tasks_lib
-from mark_jax.models import Networks
-from mark_jax.runtime import devices, logs, signals
-from mark_jax.runtime.errors import ConfigError, TrainingError
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """A run's networks, device mesh and compiled functions.
-
-  Attributes:
-    nets: the networks (mark_jax.models.Networks).
-    mesh: the devices' ('mini_tasks', 'batch') mesh.
-    phases: the gradient-descent phases by name (mark_jax.phases.make_phases).
-    epoch_fns: one jitted epoch of each phase.
-    feature_statistics: F^t's batch-norm statistics recomputed over a task's images.
-    meta_round: one jitted metalearning round (mark_jax.metalearning).
-    accuracy: a model's accuracy on weighted examples.
-    mask_statistics: the masks' largest value and the masked latent's norm.
-    evaluate_all: every task's test accuracy with its own F, M, C and one KB.
-  """
-
-  nets: Networks
-  mesh: jax.sharding.Mesh
-  phases: dict
-  epoch_fns: dict
-  feature_statistics: Callable
-  meta_round: Callable
-  accuracy: Callable
-  mask_statistics: Callable
-  evaluate_all: Callable
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """The run's device mesh; ConfigError when the config's sizes do not divide over it."""
-  try:
-    return devices.make_mesh(config.mini_tasks, config.batch_size)
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
-
-
-def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
-  """Jitted `(knowledge_base, tasks, test) -> accuracy per task`, vmapped over the tasks.
-
-  Args:
-    accuracy: a model's accuracy on weighted examples (phases.make_accuracy_fn).
-    use_masks: whether the models apply their masks.
-  """
-
-  def evaluate_all(knowledge_base, tasks, test):
-    def one(task, images, labels, weights):
-      model = {**task, "knowledge_base": knowledge_base}
-      return accuracy(model, images, labels, weights, use_masks)
-
-    return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
-
-  return jax.jit(evaluate_all)
-
-
-def build_programs(config, benchmark) -> Programs:
-  """The networks, mesh and jitted functions of a run of `config` on `benchmark`."""
-  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
-  mean, std = benchmark.mean, benchmark.std
-  mesh = make_mesh(config)
-  shard_batch = functools.partial(devices.shard_batch, mesh=mesh)
-  phases = phases_lib.make_phases(nets, config, mean, std)
-  meta_round = metalearning.make_meta_round(
-    nets,
-    config,
-    mean,
-    std,
-    shard_mini_tasks=functools.partial(devices.shard_mini_tasks, mesh=mesh),
-  )
-  accuracy = phases_lib.make_accuracy_fn(nets, mean, std, config.eval_batch_size)
-  return Programs(
-    nets=nets,
-    mesh=mesh,
-    phases=phases,
-    epoch_fns={
-      name: phases_lib.make_epoch_fn(phase, config.batch_size, shard_batch)
-      for name, phase in phases.items()
-    },
-    feature_statistics=phases_lib.make_feature_statistics_fn(
-      nets, config.batch_size, mean, std, shard_batch
-    ),
-    meta_round=jax.jit(meta_round, donate_argnums=0),
-    accuracy=jax.jit(accuracy, static_argnums=4),
-    mask_statistics=jax.jit(phases_lib.make_mask_statistics_fn(nets, mean, std)),
-    evaluate_all=make_evaluate_all(accuracy, config.use_masks),
-  )
+from mark_jax import state
+from mark_jax.programs import Programs, device_data
+from mark_jax.runtime import logs, signals
+from mark_jax.runtime.errors import TrainingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +33,8 @@ class Run:
     writer: where metrics go.
     stop: the run's stop request (SIGINT/SIGTERM).
     interactive: progress bars (True), log lines (False), or by terminal (None).
+    diverged: runs on a run axis whose loss or parameters stopped being finite: index ->
+      what happened (filled by run_loop; such runs go on being computed, unused).
   """
 
   config: object
@@ -126,23 +42,7 @@ class Run:
   writer: logs.MetricWriter = dataclasses.field(default_factory=lambda: logs.MetricWriter(None))
   stop: signals.StopOnSignal = dataclasses.field(default_factory=signals.StopOnSignal)
   interactive: bool | None = None
-
-
-def device_data(config, mesh, task: tasks_lib.TaskData) -> dict:
-  """A task's training images on the devices, and its validation split padded for evaluation."""
-  held_out = tasks_lib.stack_splits([task.validation], config.eval_batch_size)
-  on_device = {
-    "train_image": task.train.images,
-    "train_label": task.train.labels,
-    "validation": tuple(held_out[k][0] for k in ("image", "label", "weight")),
-  }
-  return devices.replicate(on_device, mesh)
-
-
-def device_test_data(config, mesh, tasks: list[tasks_lib.TaskData]) -> dict:
-  """Every task's test split, stacked on a task axis, on the devices."""
-  test = tasks_lib.stack_splits([task.test for task in tasks], config.eval_batch_size)
-  return devices.replicate(test, mesh)
+  diverged: dict = dataclasses.field(default_factory=dict)
 
 
 def resume_hint(t: int) -> str:
@@ -150,15 +50,38 @@ def resume_hint(t: int) -> str:
   return f"after task {t - 1}" if t > 0 else "from the start"
 
 
-def check_finite(metrics: dict, t: int, where: str) -> None:
-  """Raises TrainingError when a step's loss or the trained parameters are not finite."""
-  step = int(metrics["first_nonfinite_step"])
-  if step < 0 and bool(metrics["params_finite"]):
-    return
-  what = f"step {step + 1}: the loss is not finite" if step >= 0 else "parameters not finite"
-  raise TrainingError(
-    f"task {t}, {where}, {what}; stopped without saving task {t}, so a relaunch resumes "
-    f"{resume_hint(t)}: lower the learning rates or check the data"
+def check_finite(run: Run, metrics: dict, t: int, where: str) -> None:
+  """Stops at a non-finite loss or trained parameter: TrainingError for a single run; on a
+  run axis, the runs concerned join `run.diverged` (TrainingError once all have)."""
+  steps = np.atleast_1d(metrics["first_nonfinite_step"])
+  finite = np.atleast_1d(metrics["params_finite"])
+  for r in np.flatnonzero((steps >= 0) | ~finite):
+    what = (
+      f"step {steps[r] + 1}: the loss is not finite" if steps[r] >= 0 else "parameters not finite"
+    )
+    if run.programs.runs is None:
+      raise TrainingError(
+        f"task {t}, {where}, {what}; stopped without saving task {t}, so a relaunch resumes "
+        f"{resume_hint(t)}: lower the learning rates or check the data"
+      )
+    if int(r) not in run.diverged:
+      run.diverged[int(r)] = f"task {t}, {where}, {what}; task {t} not saved"
+      run.writer.stopped.add(int(r))
+      logging.error("run %d of %d stopped: %s", r, run.programs.runs, run.diverged[int(r)])
+  if run.programs.runs is not None and len(run.diverged) == run.programs.runs:
+    raise TrainingError(f"every run stopped at a non-finite value; the last: task {t}, {where}")
+
+
+def lane_means(scalars: dict) -> dict:
+  """Scalars of one run as they are; of runs on an axis, their mean (for progress lines)."""
+  return {name: float(np.nanmean(value)) for name, value in scalars.items()}
+
+
+def describe(scalars: dict) -> str:
+  """'name value ...' with each run's value for runs on an axis."""
+  return ", ".join(
+    f"{name} {' '.join(f'{v:.4f}' for v in np.atleast_1d(value))}"
+    for name, value in scalars.items()
   )
 
 
@@ -183,8 +106,8 @@ def run_loop(run: Run, body, carry, *, task: int, step: str, count: int, unit: s
       run.writer.write(
         f"task_{task:02d}/{step}", i + 1, values, task=task, phase=step, **{unit: i + 1}
       )
-      check_finite(metrics, task, f"{step} {unit} {i + 1}")
-      bar.update(values)
+      check_finite(run, metrics, task, f"{step} {unit} {i + 1}")
+      bar.update(lane_means(values))
   return carry
 
 
@@ -202,13 +125,14 @@ def run_phase(run: Run, name, params, frozen, data, rng, *, task, step, model_st
     step: the step of MARK this phase runs as (e.g. 'masks' or 'consolidation').
     model_state: F^t's batch statistics, for the phases that update them.
   """
-  epoch_fn = run.programs.epoch_fns[name]
+  programs = run.programs
+  epoch_fn, fold_in = programs.epoch_fns[name], programs.per_run(jax.random.fold_in, (0, None))
 
   def epoch(phase_state, i):
-    key = jax.random.fold_in(rng, i)
-    return epoch_fn(phase_state, frozen, data["train_image"], data["train_label"], key)
+    return epoch_fn(phase_state, frozen, data["train_image"], data["train_label"], fold_in(rng, i))
 
-  phase_state = phases_lib.init_state(run.programs.phases[name], params, model_state)
+  init_state = programs.per_run(lambda p, m: phases_lib.init_state(programs.phases[name], p, m))
+  phase_state = init_state(params, model_state)
   phase_state = run_loop(
     run,
     epoch,
@@ -222,10 +146,10 @@ def run_phase(run: Run, name, params, frozen, data, rng, *, task, step, model_st
   return phase_state["params"], phase_state["model_state"]
 
 
-def feature_phase_inputs(nets: Networks, model: dict, rng) -> tuple[dict, dict, dict]:
+def feature_phase_inputs(programs: Programs, model: dict, rng) -> tuple[dict, dict, dict]:
   """(params, frozen, batch statistics) of F^t's phase: F^t and a fresh probe head."""
-  fe = model["feature_extractor"]
-  return {"feature_extractor": fe["params"], "probe": nets.init_head(rng)}, {}, fe["batch_stats"]
+  fe, probe = model["feature_extractor"], programs.per_run(programs.nets.init_head)(rng)
+  return {"feature_extractor": fe["params"], "probe": probe}, {}, fe["batch_stats"]
 
 
 def phase_inputs(phase: phases_lib.Phase, model: dict) -> tuple[dict, dict, dict | None]:
@@ -245,8 +169,8 @@ def phase_inputs(phase: phases_lib.Phase, model: dict) -> tuple[dict, dict, dict
 
 def train_feature_extractor(run: Run, model, data, rng, task) -> dict:
   """Step 1: trains F^t with a throw-away linear probe; returns F^t's new variables."""
-  probe_key, phase_key = jax.random.split(rng)
-  params, frozen, batch_stats = feature_phase_inputs(run.programs.nets, model, probe_key)
+  probe_key, phase_key = run.programs.per_run(lambda key: tuple(jax.random.split(key)))(rng)
+  params, frozen, batch_stats = feature_phase_inputs(run.programs, model, probe_key)
   params, batch_stats = run_phase(
     run,
     "feature_extractor",
@@ -260,7 +184,8 @@ def train_feature_extractor(run: Run, model, data, rng, task) -> dict:
   )
   if run.config.feature_bn_statistics == "recomputed":
     variables = {"params": params["feature_extractor"], "batch_stats": batch_stats}
-    after_last_epoch = jax.random.fold_in(phase_key, run.config.epochs)
+    fold_in = run.programs.per_run(jax.random.fold_in, (0, None))
+    after_last_epoch = fold_in(phase_key, run.config.epochs)
     batch_stats = run.programs.feature_statistics(variables, data["train_image"], after_last_epoch)
   return {"params": params["feature_extractor"], "batch_stats": batch_stats}
 
@@ -276,28 +201,31 @@ def train_phase(run: Run, name, model, data, rng, task, step=None) -> dict:
   if phase.updates_feature_statistics:
     model["feature_extractor"] = {**model["feature_extractor"], "batch_stats": batch_stats}
   images, labels, weights = data["validation"]
-  scalars = {
-    "validation_accuracy": float(programs.accuracy(model, images, labels, weights, phase.use_masks))
-  }
+  accuracy = programs.accuracy(model, images, labels, weights, phase.use_masks)
+  scalars = {"validation_accuracy": accuracy}
   if phase.use_masks:
-    statistics = programs.mask_statistics(model, images, weights)
-    scalars.update({k: float(v) for k, v in statistics.items()})
-  logging.info("task %d %s: %s", task, step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+    scalars.update(programs.mask_statistics(model, images, weights))
+  scalars = {name: jax.device_get(value) for name, value in scalars.items()}
+  logging.info("task %d %s: %s", task, step, describe(scalars))
   run.writer.write(f"task_{task:02d}/{step}", run.config.epochs, scalars, task=task, phase=step)
   return model
 
 
-def metalearn(run: Run, t, model, data, rng):
+def metalearn(run: Run, t, model, data, rng, settings=None):
   """Step 4: `config.meta_rounds` rounds of K vmapped mini-tasks + a Reptile step.
+
+  `settings`: the runs' stacked round settings, for runs on a run axis (mark_jax.runs).
 
   Returns:
     The new KB variables.
   """
   task = {k: v for k, v in model.items() if k != "knowledge_base"}
+  fold_in = run.programs.per_run(jax.random.fold_in, (0, None))
+  extra = () if settings is None else (settings,)
 
   def meta_round(kb, r):
-    key = jax.random.fold_in(rng, r)
-    return run.programs.meta_round(kb, task, data["train_image"], data["train_label"], key)
+    images, labels = data["train_image"], data["train_label"]
+    return run.programs.meta_round(kb, task, images, labels, fold_in(rng, r), *extra)
 
   return run_loop(
     run,
@@ -311,38 +239,47 @@ def metalearn(run: Run, t, model, data, rng):
   )
 
 
-def train_task(run: Run, t: int, run_state: dict, task_data: tasks_lib.TaskData) -> dict:
-  """The five steps of task t (docs/spec.md); returns the new run state."""
-  config = run.config
-  rng, task_key = jax.random.split(run_state["rng"])
-  keys = dict(
-    zip(
-      ("features", "pretrain", "masks", "kb", "consolidation"),
-      jax.random.split(task_key, 5),
-      strict=True,
-    )
-  )
+def task_keys(run_key) -> tuple:
+  """(the run's next key, the keys of task's five steps by name)."""
+  rng, task_key = jax.random.split(run_key)
+  steps = ("features", "pretrain", "masks", "kb", "consolidation")
+  return rng, dict(zip(steps, jax.random.split(task_key, 5), strict=True))
+
+
+def train_task(run: Run, t: int, run_state: dict, task_data, settings=None) -> dict:
+  """The five steps of task t (docs/spec.md); returns the new run state.
+
+  Args:
+    run: the run (or runs on a run axis).
+    t: the task index.
+    run_state: the run state (mark_jax.state), with a leading run axis for runs.
+    task_data: the task's TaskData, or one per run.
+    settings: the runs' stacked round settings, for runs on a run axis.
+  """
+  config, per_run = run.config, run.programs.per_run
+  rng, keys = per_run(task_keys)(run_state["rng"])
   data = device_data(config, run.programs.mesh, task_data)
-  model = {**state.task_slot(run_state["tasks"], t), "knowledge_base": run_state["knowledge_base"]}
+  task_slot = per_run(state.task_slot, (0, None))
+  model = {**task_slot(run_state["tasks"], t), "knowledge_base": run_state["knowledge_base"]}
 
   own_features = config.use_feature_extractor and not (config.shared_feature_extractor and t)
   if own_features:
     model["feature_extractor"] = train_feature_extractor(run, model, data, keys["features"], t)
   elif config.use_feature_extractor:
-    model["feature_extractor"] = state.task_slot(run_state["tasks"], 0)["feature_extractor"]
+    model["feature_extractor"] = task_slot(run_state["tasks"], 0)["feature_extractor"]
   masks_phase = "masks" if own_features else "masks_without_own_features"
   if t == 0 and config.pretrain_kb:
     model = train_phase(run, "kb_pretrain", model, data, keys["pretrain"], t)
   if config.use_feature_extractor or not config.kb_only_skips_masks_step:
     model = train_phase(run, masks_phase, model, data, keys["masks"], t, "masks")
   if config.use_metalearning:
-    model["knowledge_base"] = metalearn(run, t, model, data, keys["kb"])
+    model["knowledge_base"] = metalearn(run, t, model, data, keys["kb"], settings)
   else:
     model = train_phase(run, "kb_sgd", model, data, keys["kb"], t)
   model = train_phase(run, masks_phase, model, data, keys["consolidation"], t, "consolidation")
   kb = model.pop("knowledge_base")
   return {
     "knowledge_base": kb,
-    "tasks": state.set_task_slot(run_state["tasks"], t, model),
+    "tasks": per_run(state.set_task_slot, (0, None, 0))(run_state["tasks"], t, model),
     "rng": rng,
   }

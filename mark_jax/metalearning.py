@@ -74,7 +74,29 @@ def scale_on_plateau(updates, plateau_state, loss):
   return scaled, plateau_state
 
 
-def make_inner_step(nets: Networks, config):
+SETTINGS = (
+  "meta_step_size",
+  "meta_sign",
+  "meta_weight_decay",
+  "inner_learning_rate",
+  "inner_weight_decay",
+)
+"""Config keys that only set step sizes of a metalearning round: runs that differ in them
+(and in the seed) share one compiled program (mark_jax.runs), each run its own values."""
+
+
+def round_settings(config) -> dict[str, float]:
+  """The round's step sizes from `config`, as the `settings` argument of a round.
+
+  meta_sign becomes 'meta_scale', the factor of the Reptile pseudo-gradient
+  (reptile_update): +1 for the paper, -1/K for the authors' released code.
+  """
+  scale = {"paper": 1.0, "authors": -1.0 / config.mini_tasks}[config.meta_sign]
+  settings = {key: float(config[key]) for key in SETTINGS if key != "meta_sign"}
+  return {**settings, "meta_scale": scale}
+
+
+def make_inner_step(nets: Networks, config, settings: dict):
   """One inner-loop SGD step on KB + temporary head with fixed masks.
 
   With config.inner_lr_plateau the step size halves after 6 steps in a row without a 0.1%
@@ -82,15 +104,20 @@ def make_inner_step(nets: Networks, config):
   threshold=0.001) as the authors' inner loop steps it, after each step with that step's
   loss, so a reduction applies from the next step on.
 
+  Args:
+    nets: the module definitions.
+    config: the run config (momentum, inner_grad_clip, inner_lr_plateau).
+    settings: round_settings, as floats or as (traced) scalars.
+
   Returns:
     (init, step): init(params) -> opt_state; step(params, opt_state, images, labels,
     masks, rng) -> (params, opt_state, loss); params = {'knowledge_base', 'head'},
     images normalised.
   """
   optimizer = sgd(
-    config.inner_learning_rate,
+    settings["inner_learning_rate"],
     momentum=config.momentum,
-    weight_decay=config.inner_weight_decay,
+    weight_decay=settings["inner_weight_decay"],
     clip=global_norm_clip(config.inner_grad_clip),
   )
 
@@ -120,12 +147,15 @@ def make_meta_round(
   mini_task_map: Callable = jax.vmap,
   shard_mini_tasks: Callable = lambda tree: tree,
 ):
-  """Builds one metalearning round `(knowledge_base, task, images, labels, rng) -> (kb, metrics)`.
+  """Builds one round `(knowledge_base, task, images, labels, rng, settings) -> (kb, metrics)`.
+
+  `settings` are the round's step sizes (round_settings): floats compile them in, arrays
+  (one value per run under a vmap over runs) keep them as inputs of one program.
 
   Args:
     nets: the module definitions.
-    config: the run config (mini_tasks, inner_steps, batch_size, optimiser settings,
-      meta_sign, meta_accuracy_batch, use_masks).
+    config: the run config (mini_tasks, inner_steps, batch_size, momentum, clipping,
+      meta_accuracy_batch, use_masks).
     mean: normalisation mean.
     std: normalisation std.
     mini_task_map: maps the single mini-task adaptation over the K mini-tasks (all
@@ -137,12 +167,21 @@ def make_meta_round(
     The un-jitted round function (jit it, or compose it under further transforms).
   """
   num_mini_tasks, batch_size = config.mini_tasks, config.batch_size
-  init_inner, inner_step = make_inner_step(nets, config)
-  meta_optimizer = sgd(config.meta_step_size, momentum=0.0, weight_decay=config.meta_weight_decay)
-  scale = {"paper": 1.0, "authors": -1.0 / num_mini_tasks}[config.meta_sign]
   separate_eval_batch = {"same": False, "next": True}[config.meta_accuracy_batch]
 
-  def adapt(knowledge_base, head, images, labels, masks, eval_images, eval_labels, eval_masks, rng):
+  def adapt(
+    inner_step,
+    init_inner,
+    knowledge_base,
+    head,
+    images,
+    labels,
+    masks,
+    eval_images,
+    eval_labels,
+    eval_masks,
+    rng,
+  ):
     """Adapts KB + a fresh head to one mini-task batch; returns (theta_k, acc_k, losses)."""
     params = {"knowledge_base": knowledge_base, "head": head}
 
@@ -156,7 +195,11 @@ def make_meta_round(
     accuracy = jnp.mean(jnp.argmax(logits, -1) == eval_labels)
     return params["knowledge_base"], accuracy, losses
 
-  def meta_round(knowledge_base, task, images, labels, rng):
+  def meta_round(knowledge_base, task, images, labels, rng, settings):
+    init_inner, inner_step = make_inner_step(nets, config, settings)
+    meta_optimizer = sgd(
+      settings["meta_step_size"], momentum=0.0, weight_decay=settings["meta_weight_decay"]
+    )
     order_key, head_key, inner_key = jax.random.split(rng, 3)
     num_batches = num_mini_tasks * (2 if separate_eval_batch else 1)
     needed = num_batches * batch_size
@@ -172,10 +215,13 @@ def make_meta_round(
     evaluation = jax.tree.map(lambda a: a[num_mini_tasks:], train) if separate_eval_batch else train
     train = jax.tree.map(lambda a: a[:num_mini_tasks], train)
     heads = jax.vmap(nets.init_head)(jax.random.split(head_key, num_mini_tasks))
-    adapted, accuracies, losses = mini_task_map(functools.partial(adapt, knowledge_base))(
+    adapt_one = functools.partial(adapt, inner_step, init_inner, knowledge_base)
+    adapted, accuracies, losses = mini_task_map(adapt_one)(
       heads, *train, *evaluation, jax.random.split(inner_key, num_mini_tasks)
     )
-    new_kb = reptile_update(knowledge_base, adapted, accuracies, meta_optimizer, scale)
+    new_kb = reptile_update(
+      knowledge_base, adapted, accuracies, meta_optimizer, settings["meta_scale"]
+    )
     return new_kb, {
       "first_inner_loss": jnp.mean(losses[:, 0]),
       "inner_loss": jnp.mean(losses[:, -1]),

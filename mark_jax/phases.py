@@ -144,11 +144,12 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda batch: batch):
-  """Compiles one epoch of `phase`: `(state, frozen, images, labels, rng) -> (state, metrics)`.
+  """One epoch of `phase`: `(state, frozen, images, labels, rng) -> (state, metrics)`.
 
-  The state is donated. Metrics, computed on device: the epoch's mean `loss` and
-  `accuracy`, `first_nonfinite_step` (index of the first step whose loss is not finite, -1
-  if none) and `params_finite` (whether every trained parameter is finite at the end).
+  Jit it with the state donated (mark_jax.programs). Metrics, computed on device: the
+  epoch's mean `loss` and `accuracy`, `first_nonfinite_step` (index of the first step whose
+  loss is not finite, -1 if none) and `params_finite` (whether every trained parameter is
+  finite at the end).
   `shard_batch` places each batch on devices inside jit (parallel.shard_batch).
   """
 
@@ -172,7 +173,7 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
       "params_finite": all_finite(state["params"]),
     }
 
-  return jax.jit(run_epoch, donate_argnums=0)
+  return run_epoch
 
 
 def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
@@ -264,7 +265,7 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
 def make_feature_statistics_fn(
   nets: Networks, batch_size: int, mean, std, shard_batch: Callable = lambda batch: batch
 ):
-  """Compiles F^t's batch-norm statistics recomputed over a task's training images.
+  """F^t's batch-norm statistics recomputed over a task's training images (not jitted).
 
   `(variables, images, rng) -> batch_stats`: F^t in training mode over one seeded epoch of
   batches of `batch_size` (the batches it trained on); each batch's mean and variance are
@@ -294,7 +295,7 @@ def make_feature_statistics_fn(
     total, _ = lax.scan(body, zeros, (indices, weights))
     return jax.tree.map(lambda t: t / images.shape[0], total)
 
-  return jax.jit(statistics)
+  return statistics
 
 
 def make_mask_statistics_fn(nets: Networks, mean, std):

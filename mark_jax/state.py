@@ -17,14 +17,15 @@ from mark_jax.models import Networks
 from mark_jax.runtime import devices
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def init_run_state(nets: Networks, seed: int, num_tasks: int) -> dict:
-  """The run state before task 0: fresh KB and per-task variables, the run's RNG key.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_run_state(nets: Networks, key, num_tasks: int) -> dict:
+  """The run state before task 0 (key: PRNGKey(seed)): fresh KB and per-task variables, the
+  run's RNG key.
 
   Jitted: eagerly, the vmapped initialisers dispatch thousands of small operations (bit
   for bit the same values, several times slower on CPU).
   """
-  kb_key, tasks_key, run_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+  kb_key, tasks_key, run_key = jax.random.split(key, 3)
   return {
     "knowledge_base": nets.init_knowledge_base(kb_key),
     "tasks": jax.vmap(nets.init_task)(jax.random.split(tasks_key, num_tasks)),
@@ -34,12 +35,29 @@ def init_run_state(nets: Networks, seed: int, num_tasks: int) -> dict:
 
 def initial(nets: Networks, seed: int, num_tasks: int, mesh) -> dict:
   """A fresh run state, replicated over the mesh."""
-  return devices.replicate(init_run_state(nets, seed, num_tasks), mesh)
+  return devices.replicate(init_run_state(nets, jax.random.PRNGKey(seed), num_tasks), mesh)
+
+
+def initial_runs(nets: Networks, seeds: list[int], num_tasks: int, mesh) -> dict:
+  """Fresh run states of `seeds` stacked on a leading run axis (each as `initial` makes it)."""
+  keys = jax.numpy.stack([jax.random.PRNGKey(seed) for seed in seeds])
+  init = jax.vmap(lambda key: init_run_state(nets, key, num_tasks))
+  return devices.replicate(init(keys), mesh)
+
+
+def stack(states: list):
+  """Pytrees of equal structure stacked on a new leading axis."""
+  return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *states)
+
+
+def unstack(tree, index: int):
+  """Entry `index` of a pytree stacked on a leading axis."""
+  return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
 def abstract(nets: Networks, seed: int, num_tasks: int, mesh):
   """Shapes, dtypes and shardings of the run state (what a checkpoint restore needs)."""
-  shapes = jax.eval_shape(init_run_state, nets, seed, num_tasks)
+  shapes = jax.eval_shape(init_run_state, nets, jax.random.PRNGKey(seed), num_tasks)
   return devices.abstract_replicated(shapes, mesh)
 
 

@@ -16,6 +16,7 @@ from absl import logging
 from etils import epath
 
 from mark_jax import config_checks, mark, metrics, state
+from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
 from mark_jax.runtime import checkpointing, logs, signals
 from mark_jax.runtime import workdir as workdir_lib
@@ -39,7 +40,7 @@ class Start(NamedTuple):
   wall_seconds: float | None
 
 
-def restore(programs: mark.Programs, abstract, mngr, config, workdir: epath.Path) -> Start:
+def restore(programs: programs_lib.Programs, abstract, mngr, config, workdir: epath.Path) -> Start:
   """The run's starting point (`abstract`: the run state's shapes, state.abstract).
 
   Order: --config.restore_task (from --config.restore_dir, else the workdir), else the
@@ -115,12 +116,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   num_tasks = len(benchmark.tasks)
   writer = logs.MetricWriter(workdir if is_writer else None)
   with signals.StopOnSignal() as stop, contextlib.closing(writer):
-    programs = mark.build_programs(config, benchmark)
+    programs = programs_lib.build_programs(config, benchmark)
     run = mark.Run(config, programs, writer, stop)
     abstract = state.abstract(programs.nets, config.seed, num_tasks, programs.mesh)
     if is_writer:
       workdir_lib.check_free_space(workdir, (num_tasks + 1) * state.size_bytes(abstract))
-    test = mark.device_test_data(config, programs.mesh, benchmark.tasks)
+    test = programs_lib.device_test_data(config, programs.mesh, benchmark.tasks)
     mngr = checkpointing.manager(workdir / "checkpoints")
     start = restore(programs, abstract, mngr, config, workdir)
     run_state, accuracy = start.state, start.accuracy
@@ -131,7 +132,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         return None
       return start.wall_seconds + time.perf_counter() - start_time
 
-    results = _write_results(workdir, config, accuracy, start.first_task, wall_seconds(), is_writer)
+    results = write_results(workdir, config, accuracy, start.first_task, wall_seconds(), is_writer)
     for t in range(start.first_task, num_tasks):
       task_start = time.perf_counter()
       logging.info("=== task %d/%d: classes %s", t, num_tasks - 1, benchmark.tasks[t].classes)
@@ -142,7 +143,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       accuracy[t, : t + 1] = seen[: t + 1]
       elapsed = wall_seconds()
       checkpointing.save(mngr, t, run_state, accuracy, elapsed)
-      results = _write_results(workdir, config, accuracy, t + 1, elapsed, is_writer)
+      results = write_results(workdir, config, accuracy, t + 1, elapsed, is_writer)
       logging.info(
         "task %d done in %.0fs | ACC %.4f | test accuracy of tasks 0..%d: %s",
         t,
@@ -159,9 +160,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   return results
 
 
-def _write_results(workdir, config, accuracy, tasks_completed, wall_seconds, is_writer) -> dict:
+def write_results(
+  workdir, config, accuracy, tasks_completed, wall_seconds, is_writer, **fields
+) -> dict:
+  """Writes workdir/results.json (metrics of the first tasks, config, wall time, `fields`)."""
   results = metrics.summarize(accuracy, tasks_completed)
-  results.update(config=config.to_dict(), wall_seconds=wall_seconds)
+  results.update(config=config.to_dict(), wall_seconds=wall_seconds, **fields)
   if is_writer:
     workdir_lib.write_atomically(workdir / "results.json", json.dumps(results, indent=2))
   return results

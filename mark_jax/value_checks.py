@@ -45,6 +45,7 @@ optional_non_negative_int = check(
   lambda v: v is None or (_is_int(v) and v >= 0), "must be None or a non-negative integer"
 )
 boolean = check(lambda v: isinstance(v, bool), "must be True or False")
+optional_boolean = check(lambda v: v is None or isinstance(v, bool), "must be None, True or False")
 string = check(_is_str, "must be a string")
 zero_or_network_size = check(
   lambda v: _is_int(v) and (v == 0 or v >= MIN_IMAGE_SIZE),

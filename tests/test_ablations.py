@@ -5,6 +5,7 @@ import optax
 import pytest
 
 from mark_jax import mark, state
+from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
 
 from tiny import tiny_config
@@ -13,7 +14,7 @@ from tiny import tiny_config
 def _phases_run(config, tasks: int, monkeypatch) -> list[tuple[int, str, str]]:
   """(task, phase, step) of every train_phase call in the first `tasks` tasks."""
   benchmark = datasets.load_benchmark(config)
-  programs = mark.build_programs(config, benchmark)
+  programs = programs_lib.build_programs(config, benchmark)
   calls = []
   original = mark.train_phase
 
@@ -59,7 +60,7 @@ def test_steps_3_and_5_without_own_features(overrides, expected, monkeypatch):
 def test_without_own_features_the_masks_learn_at_a_tenth():
   config = tiny_config()
   benchmark = datasets.load_benchmark(config)
-  phases = mark.build_programs(config, benchmark).phases
+  phases = programs_lib.build_programs(config, benchmark).phases
   params = {"w": jax.numpy.ones(3)}
   grads = {"w": jax.numpy.ones(3)}
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mark_jax import mark
+from mark_jax import programs as programs_lib
 from mark_jax.runtime import devices
 
 from tiny import fresh_run, tiny_config
@@ -26,7 +27,7 @@ from mark_jax import mark
 
 benchmark, run, state = fresh_run(tiny_config(batch_size=16, mini_tasks=4))
 state = mark.train_task(run, 0, state, benchmark.tasks[0])
-test = mark.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
+test = programs_lib.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
 accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
 leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state["knowledge_base"])]
 print(json.dumps({{"devices": jax.device_count(), "mesh": dict(run.programs.mesh.shape),
@@ -72,7 +73,7 @@ def test_mesh_splits_mini_tasks_then_batch():
 
 def test_nothing_recompiles_between_tasks():
   benchmark, run, state = fresh_run(tiny_config())
-  test = mark.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
+  test = programs_lib.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
   compiles = []
 
   def listener(event, duration, **kwargs):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mark_jax import mark
+from mark_jax import programs as programs_lib
 
 from tiny import fresh_run, task_model, tiny_config
 
@@ -33,7 +34,7 @@ def test_phase_trains_exactly_its_parameters(tiny, phase):
   benchmark, run, state = tiny
   model = task_model(state, 1)
   before = _snapshot(model)
-  data_on_device = mark.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
+  data_on_device = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
   after = mark.train_phase(run, phase, model, data_on_device, jax.random.PRNGKey(0), 1)
   trainable = run.programs.phases[phase].trainable
   assert set(after) == set(before)
@@ -48,7 +49,7 @@ def test_feature_phase_trains_weights_and_batch_statistics(tiny):
   benchmark, run, state = tiny
   model = task_model(state, 0)
   before = _snapshot(model["feature_extractor"])
-  data_on_device = mark.device_data(run.config, run.programs.mesh, benchmark.tasks[0])
+  data_on_device = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[0])
   after = mark.train_feature_extractor(run, model, data_on_device, jax.random.PRNGKey(0), 0)
   assert _changed(before["params"], after["params"])
   assert _changed(before["batch_stats"], after["batch_stats"])
@@ -57,7 +58,7 @@ def test_feature_phase_trains_weights_and_batch_statistics(tiny):
 def test_task_leaves_other_tasks_and_frozen_kb_untouched(tiny):
   benchmark, _, state = tiny
   config = tiny_config(meta_rounds=0)  # "KB frozen after task 0": step 4 skipped
-  run = mark.Run(config, mark.build_programs(config, benchmark))
+  run = mark.Run(config, programs_lib.build_programs(config, benchmark))
   before = _snapshot(state)
   after = mark.train_task(run, 1, jax.tree.map(lambda a: a.copy(), state), benchmark.tasks[1])
   _assert_same(before["knowledge_base"], after["knowledge_base"])

@@ -1,5 +1,7 @@
 """The weighted Reptile step and the vmapped mini-task adaptation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +100,9 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
   train, _ = datasets.synthetic_splits(
     num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
   )
-  args = (task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2))
+  settings = metalearning.round_settings(config)
+  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  args = (task, images, labels, jax.random.PRNGKey(2), settings)
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   vmapped = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
   looped = jax.jit(metalearning.make_meta_round(nets, config, mean, std, mini_task_map=_loop_map))
@@ -111,6 +115,33 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
     metrics_v["mini_task_accuracy"], metrics_l["mini_task_accuracy"], atol=1e-6
   )
   assert _distance(kb_v, kb) > 0  # the round did move the KB
+
+
+def test_settings_given_as_arrays_equal_settings_compiled_in():
+  config = tiny_config(meta_step_size=0.05, meta_sign="authors")
+  nets = models.Networks(config, 32, 5)
+  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
+  task = nets.init_task(jax.random.PRNGKey(1))
+  train, _ = datasets.synthetic_splits(
+    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
+  )
+  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  settings = metalearning.round_settings(config)
+  assert settings["meta_scale"] == pytest.approx(-1 / config.mini_tasks)
+  meta_round = metalearning.make_meta_round(nets, config, facts.CIFAR_MEAN, facts.CIFAR_STD)
+  compiled_in = jax.jit(functools.partial(meta_round, settings=settings))
+  as_inputs = jax.jit(meta_round)
+  args = (task, images, labels, jax.random.PRNGKey(2))
+  kb_constants, _ = compiled_in(kb, *args)
+  arrays = {k: jnp.float32(v) for k, v in settings.items()}
+  kb_arrays, _ = as_inputs(kb, *args, arrays)
+  for got, want in zip(jax.tree.leaves(kb_arrays), jax.tree.leaves(kb_constants), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert _distance(kb_arrays, kb) > 0
+  # A zero step leaves the KB exactly where it was (the frozen KB of a sweep).
+  kb_still, _ = as_inputs(kb, *args, {**arrays, "meta_step_size": jnp.float32(0.0)})
+  for got, want in zip(jax.tree.leaves(kb_still), jax.tree.leaves(kb), strict=True):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("inner_grad_clip", [0.0, 1.0])
@@ -129,9 +160,9 @@ def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
   )
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   meta_round = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
-  _, metrics = meta_round(
-    kb, task, jnp.asarray(train.images), jnp.asarray(train.labels), jax.random.PRNGKey(2)
-  )
+  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  settings = metalearning.round_settings(config)
+  _, metrics = meta_round(kb, task, images, labels, jax.random.PRNGKey(2), settings)
   assert float(metrics["first_inner_loss"]) > 20  # hot indeed
   finite = bool(metrics["params_finite"]) and int(metrics["first_nonfinite_step"]) < 0
   assert finite == (inner_grad_clip > 0)

@@ -22,10 +22,11 @@ def tiny_config(**overrides):
 def fresh_run(config):
   """(benchmark, run, run_state) of `config` before task 0, built in this process."""
   from mark_jax import mark, state
+  from mark_jax import programs as programs_lib
   from mark_jax.data import datasets
 
   benchmark = datasets.load_benchmark(config)
-  programs = mark.build_programs(config, benchmark)
+  programs = programs_lib.build_programs(config, benchmark)
   run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   return benchmark, mark.Run(config, programs), run_state
 
@@ -42,10 +43,11 @@ def task_model(run_state, t: int) -> dict:
 
 def abstract_state(config):
   """The shapes of a run state of `config` (what a checkpoint restore needs)."""
-  from mark_jax import mark, state
+  from mark_jax import programs as programs_lib
+  from mark_jax import state
   from mark_jax.data import datasets
   from mark_jax.models import Networks
 
   benchmark = datasets.load_benchmark(config)
   nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
-  return state.abstract(nets, config.seed, len(benchmark.tasks), mark.make_mesh(config))
+  return state.abstract(nets, config.seed, len(benchmark.tasks), programs_lib.make_mesh(config))

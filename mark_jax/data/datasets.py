@@ -196,6 +196,13 @@ def dataset_facts(config) -> facts_lib.DatasetFacts:
 
 def load_benchmark(config) -> Benchmark:
   """Loads `config.dataset` and cuts it into tasks as the config says."""
+  return load_benchmarks([config])[0]
+
+
+def load_benchmarks(configs: list) -> list[Benchmark]:
+  """One benchmark per config, the dataset loaded once: configs that differ only in keys
+  that do not touch the data but the seed, which cuts each its own tasks."""
+  config = configs[0]
   facts = dataset_facts(config)
   num_classes, mean, std = facts.num_classes, facts.mean, facts.std
   train, test = LOADERS[config.dataset](config)
@@ -206,6 +213,11 @@ def load_benchmark(config) -> Benchmark:
   check_split(test, num_classes, f"{config.dataset} test split")
   if config.get("image_size"):
     train, test = resize(train, config.image_size), resize(test, config.image_size)
+  return [_cut(c, train, test, num_classes, mean, std) for c in configs]
+
+
+def _cut(config, train: Split, test: Split, num_classes: int, mean, std) -> Benchmark:
+  """The benchmark of `config`: the splits cut into its seed's tasks, each checked."""
   tasks = split_into_tasks(
     train,
     test,

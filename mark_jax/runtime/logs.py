@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import logging
 from etils import epath
 from tqdm import tqdm
@@ -154,3 +155,25 @@ class MetricWriter:
     if self.jsonl is not None:
       self.jsonl.close()
       self.tensorboard.close()
+
+
+class RunsWriter:
+  """The MetricWriters of runs on a leading run axis (mark_jax.runs): each run's writer gets
+  that run's entry of every scalar; runs in `stopped` (indices) get nothing more.
+
+  Args:
+    writers: one MetricWriter per run.
+  """
+
+  def __init__(self, writers: list[MetricWriter]):
+    self.writers, self.stopped = writers, set()
+
+  def write(self, tag: str, step: int, scalars: dict, **context) -> None:
+    for r, writer in enumerate(self.writers):
+      if r not in self.stopped:
+        run_scalars = {name: np.asarray(value)[r] for name, value in scalars.items()}
+        writer.write(tag, step, run_scalars, **context)
+
+  def close(self) -> None:
+    for writer in self.writers:
+      writer.close()

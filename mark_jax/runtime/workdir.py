@@ -27,6 +27,7 @@ CHANGEABLE_KEYS = frozenset(
     "download",
     "distributed",
     "cpu_devices",
+    "runs_in_one_program",
     "restore_task",
     "restore_dir",
     "eval_batch_size",

@@ -1,0 +1,170 @@
+"""A run's compiled functions, built once: `build_programs(config, benchmark)`.
+
+Every function that a task's steps call is compiled here, so nothing recompiles between
+tasks. Built with `runs=R`, each function takes and returns a leading run axis instead
+(jax.vmap over R runs that share the networks' shapes: seeds and the step sizes of
+metalearning.SETTINGS), and the round's step sizes become an input (one value per run)
+instead of constants compiled in.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from mark_jax import metalearning
+from mark_jax import phases as phases_lib
+from mark_jax.data import tasks as tasks_lib
+from mark_jax.models import Networks
+from mark_jax.runtime import devices
+from mark_jax.runtime.errors import ConfigError
+
+
+def one_run(fn: Callable, in_axes=0) -> Callable:
+  """`per_run` of a single run: the function itself."""
+  del in_axes
+  return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """A run's networks, device mesh and compiled functions.
+
+  Attributes:
+    nets: the networks (mark_jax.models.Networks).
+    mesh: the devices' ('mini_tasks', 'batch') mesh.
+    phases: the gradient-descent phases by name (mark_jax.phases.make_phases).
+    epoch_fns: one jitted epoch of each phase.
+    feature_statistics: F^t's batch-norm statistics recomputed over a task's images.
+    meta_round: one jitted metalearning round `(kb, task, images, labels, rng)`; with a run
+      axis it takes the runs' stacked round settings as a sixth argument.
+    accuracy: a model's accuracy on weighted examples.
+    mask_statistics: the masks' largest value and the masked latent's norm.
+    evaluate_all: every task's test accuracy with its own F, M, C and one KB.
+    runs: the number of runs on the leading axis, None for a single run.
+    per_run: `per_run(fn, in_axes=0)` maps a single-run function over the runs (jax.vmap),
+      or returns it unchanged for a single run.
+  """
+
+  nets: Networks
+  mesh: jax.sharding.Mesh
+  phases: dict
+  epoch_fns: dict
+  feature_statistics: Callable
+  meta_round: Callable
+  accuracy: Callable
+  mask_statistics: Callable
+  evaluate_all: Callable
+  runs: int | None = None
+  per_run: Callable = one_run
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The run's device mesh; ConfigError when the config's sizes do not divide over it."""
+  try:
+    return devices.make_mesh(config.mini_tasks, config.batch_size)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+
+def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
+  """`(knowledge_base, tasks, test) -> accuracy per task`, vmapped over the tasks (not jitted).
+
+  Args:
+    accuracy: a model's accuracy on weighted examples (phases.make_accuracy_fn).
+    use_masks: whether the models apply their masks.
+  """
+
+  def evaluate_all(knowledge_base, tasks, test):
+    def one(task, images, labels, weights):
+      model = {**task, "knowledge_base": knowledge_base}
+      return accuracy(model, images, labels, weights, use_masks)
+
+    return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
+
+  return evaluate_all
+
+
+def build_programs(config, benchmark, runs: int | None = None) -> Programs:
+  """The networks, mesh and jitted functions of a run of `config` on `benchmark`.
+
+  Args:
+    config: the run config (of any of the runs: they share everything but seeds and
+      round settings).
+    benchmark: the data's shapes and normalisation (mark_jax.data.datasets.Benchmark).
+    runs: R to compile every function over a leading axis of R runs; None for one run.
+  """
+  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
+  mean, std = benchmark.mean, benchmark.std
+  mesh = make_mesh(config)
+  shard_batch = functools.partial(devices.shard_batch, mesh=mesh)
+  phases = phases_lib.make_phases(nets, config, mean, std)
+  per_run = one_run if runs is None else lambda fn, in_axes=0: jax.vmap(fn, in_axes=in_axes)
+  meta_round = metalearning.make_meta_round(
+    nets,
+    config,
+    mean,
+    std,
+    shard_mini_tasks=functools.partial(devices.shard_mini_tasks, mesh=mesh),
+  )
+  if runs is None:
+    meta_round = functools.partial(meta_round, settings=metalearning.round_settings(config))
+  accuracy = phases_lib.make_accuracy_fn(nets, mean, std, config.eval_batch_size)
+  use_masks = config.use_masks
+  return Programs(
+    nets=nets,
+    mesh=mesh,
+    phases=phases,
+    epoch_fns={
+      name: jax.jit(
+        per_run(phases_lib.make_epoch_fn(phase, config.batch_size, shard_batch)),
+        donate_argnums=0,
+      )
+      for name, phase in phases.items()
+    },
+    feature_statistics=jax.jit(
+      per_run(
+        phases_lib.make_feature_statistics_fn(nets, config.batch_size, mean, std, shard_batch)
+      )
+    ),
+    meta_round=jax.jit(per_run(meta_round), donate_argnums=0),
+    accuracy=jax.jit(per_run(accuracy, (0, 0, 0, 0, None)), static_argnums=4),
+    mask_statistics=jax.jit(per_run(phases_lib.make_mask_statistics_fn(nets, mean, std))),
+    evaluate_all=jax.jit(per_run(make_evaluate_all(accuracy, use_masks))),
+    runs=runs,
+    per_run=per_run,
+  )
+
+
+def device_data(config, mesh, task) -> dict:
+  """A task's training images on the devices, and its validation split padded for evaluation.
+
+  `task` is a TaskData, or a list of them (one per run, equally many training images)
+  stacked on a leading run axis.
+  """
+  tasks = task if isinstance(task, list) else [task]
+  held_out = tasks_lib.stack_splits([t.validation for t in tasks], config.eval_batch_size)
+  on_device = {
+    "train_image": np.stack([t.train.images for t in tasks]),
+    "train_label": np.stack([t.train.labels for t in tasks]),
+    "validation": tuple(held_out[k] for k in ("image", "label", "weight")),
+  }
+  if not isinstance(task, list):
+    on_device = jax.tree.map(lambda a: a[0], on_device)
+  return devices.replicate(on_device, mesh)
+
+
+def device_test_data(config, mesh, tasks: list) -> dict:
+  """Every task's test split, stacked on a task axis, on the devices.
+
+  `tasks` lists each task's TaskData, or, for runs on a leading run axis, each run's list.
+  """
+  runs = tasks if tasks and isinstance(tasks[0], list) else [tasks]
+  test = tasks_lib.stack_splits([t.test for run in runs for t in run], config.eval_batch_size)
+  if runs is not tasks:
+    return devices.replicate(test, mesh)
+  return devices.replicate(
+    {k: v.reshape(len(runs), -1, *v.shape[1:]) for k, v in test.items()}, mesh
+  )

@@ -131,7 +131,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
   for name in PHASES:
     phase = programs.phases[name]
     if name == "feature_extractor":
-      params, frozen, model_state = mark.feature_phase_inputs(programs.nets, model, rng)
+      params, frozen, model_state = mark.feature_phase_inputs(programs, model, rng)
     else:
       params, frozen, model_state = mark.phase_inputs(phase, model)
     donated = jax.tree.map(jnp.copy, phases_lib.init_state(phase, params, model_state))

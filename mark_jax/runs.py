@@ -14,6 +14,7 @@ stops alone (its results.json says where) while the others go on.
 
 import contextlib
 import itertools
+import json
 import time
 
 import jax
@@ -147,8 +148,20 @@ def restore_runs(mngrs, abstract, nets, seeds, num_tasks, mesh, is_writer):
   return state.stack(states), accuracy, task + 1, walls
 
 
+def stopped_results(workdir) -> dict | None:
+  """The results.json of a run in `workdir` that stopped alone earlier, else None."""
+  path = epath.Path(workdir) / "results.json"
+  if not path.exists():
+    return None
+  results = json.loads(path.read_text())
+  return results if STOPPED in results else None
+
+
 def train_and_evaluate_runs(configs: list, workdirs: list[str], allow_config_change=False) -> list:
   """Trains runs of `configs` as one program, each in its workdir as train_and_evaluate does.
+
+  A run that stopped alone in an earlier launch is left out (delete its workdir to train
+  it again); the others resume together.
 
   Args:
     configs: one config per run, equal but for seeds and round settings (check_configs).
@@ -161,8 +174,24 @@ def train_and_evaluate_runs(configs: list, workdirs: list[str], allow_config_cha
   Raises:
     errors.UserError: with a message for the user (bad configs, data, workdirs, ...).
   """
-  start_time = time.perf_counter()
   check_configs(configs)
+  results = [stopped_results(w) for w in workdirs]
+  for workdir, earlier in zip(workdirs, results, strict=True):
+    if earlier is not None:
+      logging.warning("%s stopped earlier (%s): left out", workdir, earlier[STOPPED])
+  live = [i for i, earlier in enumerate(results) if earlier is None]
+  if live:
+    trained = _train_together(
+      [configs[i] for i in live], [workdirs[i] for i in live], allow_config_change
+    )
+    for i, run_results in zip(live, trained, strict=True):
+      results[i] = run_results
+  return results
+
+
+def _train_together(configs: list, workdirs: list[str], allow_config_change: bool) -> list:
+  """train_and_evaluate_runs of runs that have not stopped."""
+  start_time = time.perf_counter()
   workdirs = [epath.Path(w) for w in workdirs]
   is_writer = jax.process_index() == 0
   for config, workdir in zip(configs, workdirs, strict=True):

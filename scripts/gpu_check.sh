@@ -7,6 +7,9 @@
 #    500 train / 100 test images per class, 32x32): its wall time is in results.json, and its
 #    achieved TFLOP/s is the model FLOPs of every training step (from the benchmark's
 #    counts) over that wall time, compilation and evaluation included.
+# 3. Runs as one program (mark_jax.bench_runs) on the same data: R = 1, 3, 9 seeds of the
+#    first MARK_RUN_TASKS tasks (default 5) as one compiled program, and one run alone; their
+#    seconds per task after task 0 extrapolate a whole protocol.
 # Each part logs into WORKDIR as it goes, so an interrupted check still leaves its figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,12 @@ python -m mark_jax.bench --config configs/cifar100.py --notime_task --repeats 2 
   --json "$workdir/bench.json" 2>&1 | tee "$workdir/bench.log"
 python launch.py --config configs/cifar100.py --config.dataset=synthetic --workdir "$workdir/run" \
   2>&1 | tee "$workdir/run.log"
+python -m mark_jax.bench_runs --config configs/cifar100.py --config.dataset=synthetic \
+  --config.max_tasks="${MARK_RUN_TASKS:-5}" --runs=1,3,9 --modes=one_program \
+  --json "$workdir/bench_runs_one_program.json" 2>&1 | tee "$workdir/bench_runs.log"
+python -m mark_jax.bench_runs --config configs/cifar100.py --config.dataset=synthetic \
+  --config.max_tasks="${MARK_RUN_TASKS:-5}" --runs=1 --modes=separate \
+  --json "$workdir/bench_runs_separate.json" 2>&1 | tee -a "$workdir/bench_runs.log"
 python - "$workdir" <<'PY'
 import json, sys
 bench = json.load(open(f"{sys.argv[1]}/bench.json"))

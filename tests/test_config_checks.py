@@ -63,7 +63,7 @@ RULE_CASES = [
   case("learning_rate", 0.0, "must be a positive finite number"),
   case("learning_rate", float("inf"), "must be a positive finite number"),
   case("inner_learning_rate", float("nan"), "must be a positive finite number"),
-  case("meta_step_size", -0.1, "must be a positive finite number"),
+  case("meta_step_size", -0.1, "must be a non-negative finite number"),
   case("momentum", 1.0, "must be a number in [0, 1)"),
   case("weight_decay", -0.01, "must be a non-negative finite number"),
   case("inner_weight_decay", float("inf"), "must be a non-negative finite number"),

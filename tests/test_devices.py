@@ -24,6 +24,7 @@ import jax, numpy as np
 sys.path[:0] = [{root!r}, {tests!r}]
 from tiny import fresh_run, tiny_config
 from mark_jax import mark
+from mark_jax import programs as programs_lib
 
 benchmark, run, state = fresh_run(tiny_config(batch_size=16, mini_tasks=4))
 state = mark.train_task(run, 0, state, benchmark.tasks[0])

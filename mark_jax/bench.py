@@ -13,7 +13,6 @@ work the math needs, the same on every device).
 
 import functools
 import json
-import resource
 import time
 
 import jax
@@ -89,14 +88,6 @@ def _batch(task: TaskData, batch_size: int) -> dict:
     "label": jnp.asarray(task.train.labels[:batch_size]),
     "weight": jnp.ones(batch_size, jnp.float32),
   }
-
-
-def peak_memory() -> tuple[int, str]:
-  """Peak bytes in use on the device where it reports them, else the host's max RSS."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
 
 
 def run(config, repeats: int, time_task: bool) -> dict:
@@ -185,7 +176,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
   results["model_gflop_kb_pretrain"] = pretrain_gflop  # task 0 only
   if time_task:
     results["seconds_per_task"] = _time_one_task(mark.Run(config, programs), benchmark)
-  results["peak_memory_bytes"], results["peak_memory_kind"] = peak_memory()
+  results["peak_memory_bytes"], results["peak_memory_kind"] = devices.peak_memory()
   results["config"] = config.to_dict()
   return results
 

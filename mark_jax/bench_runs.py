@@ -22,8 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mark_jax.bench import peak_memory
-from mark_jax.runtime import errors
+from mark_jax.runtime import devices, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _RUNS = flags.DEFINE_list("runs", ["1", "3", "9"], "Numbers of runs R to measure.")
@@ -44,7 +43,6 @@ def child(config, workdir: str, runs: int, one_program: bool) -> dict:
 
   from mark_jax import runs as runs_lib
   from mark_jax import train
-  from mark_jax.runtime import devices
 
   devices.set_cpu_devices(config.cpu_devices)
   planned = runs_lib.expand(config, list(range(runs)), {})
@@ -57,7 +55,7 @@ def child(config, workdir: str, runs: int, one_program: bool) -> dict:
     for run_config, run_dir in zip(configs, dirs, strict=True):
       train.train_and_evaluate(run_config, run_dir)
   wall = time.perf_counter() - start
-  peak, kind = peak_memory()
+  peak, kind = devices.peak_memory()
   return {"wall_s": wall, "peak_bytes": peak, "peak_kind": kind, "device": str(jax.devices()[0])}
 
 
@@ -125,7 +123,11 @@ def main(argv):
     raise app.UsageError(
       f"--modes: unknown {', '.join(sorted(unknown))}; known: one_program, separate"
     )
-  config_argv = [a for a in sys.argv[1:] if a.startswith("--config")]
+  config_flag = flags.FLAGS["config"]
+  config_argv = [f"--config={config_flags.get_config_filename(config_flag)}"] + [
+    f"--config.{key}={value}"
+    for key, value in config_flags.get_override_values(config_flag).items()
+  ]
   rows = []
   for runs in (int(r) for r in _RUNS.value):
     for mode in _MODES.value:

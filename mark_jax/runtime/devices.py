@@ -13,6 +13,7 @@ running half of the mini-tasks (and half of each batch) on each.
 
 import math
 import os
+import resource
 
 import jax
 import numpy as np
@@ -103,3 +104,11 @@ def join_processes(
     process_id=process_id,
     initialization_timeout=timeout_s,
   )
+
+
+def peak_memory() -> tuple[int, str]:
+  """Peak bytes in use on the device where it reports them, else the host's max RSS."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"

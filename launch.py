@@ -75,7 +75,7 @@ def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
   planned = runs.expand(config, seeds, runs.parse_sweeps(config, sweeps))
   run_dirs = [os.path.join(workdir, folder) for folder, _ in planned]
   configs = [run_config for _, run_config in planned]
-  if runs.in_one_program(config):
+  if len(planned) > 1 and runs.in_one_program(config):
     logging.info("=== %d runs as one program in %s", len(planned), workdir)
     runs.train_and_evaluate_runs(configs, run_dirs, _ALLOW_CONFIG_CHANGE.value)
   else:

@@ -49,21 +49,25 @@ def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
+def resolve_conv_impl(conv_impl: str, over_runs: bool = False) -> str:
   """Picks the convolution's form for the current backend.
 
   XLA:CPU runs native convolutions very slowly inside rolled loops and under vmap
-  (jax-ml/jax issue 12868); image patches followed by a matmul avoid both. Accelerators run the
-  native convolution best.
+  (jax-ml/jax issue 12868); image patches followed by a matmul avoid both. Accelerators run
+  the native convolution of one run best; vmapped over runs, each with its own kernels, it
+  became a grouped convolution that ran 2.1 times slower than patches on a GPU
+  (docs/performance.md), so runs on a run axis use patches there too.
 
   Args:
     conv_impl: 'native', 'patches' or 'auto'.
+    over_runs: whether the networks run vmapped over a run axis (mark_jax.runs).
 
   Returns:
     'native' or 'patches'.
   """
   if conv_impl == "auto":
-    return "patches" if jax.default_backend() == "cpu" else "native"
+    backend = jax.default_backend()
+    return "patches" if backend == "cpu" or (over_runs and backend == "gpu") else "native"
   if conv_impl not in shapes.CONV_IMPLS:
     allowed = ", ".join(("auto", *shapes.CONV_IMPLS))
     raise ValueError(f"conv_impl must be one of {allowed}, got {conv_impl!r}")
@@ -232,11 +236,11 @@ def ones_masks(batch: int, channels: Sequence[int]) -> Masks:
 
 class Networks:
   """The four module definitions of one MARK configuration, kernel sides from the input
-  size (shapes.kernel_sizes)."""
+  size (shapes.kernel_sizes); `over_runs` for networks vmapped over runs (resolve_conv_impl)."""
 
-  def __init__(self, model_config: Any, image_size: int, num_classes: int):
+  def __init__(self, model_config: Any, image_size: int, num_classes: int, over_runs=False):
     kb_kernels, feature_kernels = shapes.kernel_sizes(image_size)
-    conv_impl = resolve_conv_impl(model_config.conv_impl)
+    conv_impl = resolve_conv_impl(model_config.conv_impl, over_runs)
     self.kb_channels = tuple(model_config.kb_channels)
     self.knowledge_base = KnowledgeBase(
       channels=self.kb_channels,

@@ -96,7 +96,7 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
     benchmark: the data's shapes and normalisation (mark_jax.data.datasets.Benchmark).
     runs: R to compile every function over a leading axis of R runs; None for one run.
   """
-  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
+  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task, runs is not None)
   mean, std = benchmark.mean, benchmark.std
   mesh = make_mesh(config)
   shard_batch = functools.partial(devices.shard_batch, mesh=mesh)

@@ -201,6 +201,8 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
   benchmarks = datasets.load_benchmarks(configs)
   check_equal_tasks(benchmarks)
   num_runs, num_tasks = len(configs), len(benchmarks[0].tasks)
+  for r, workdir in enumerate(workdirs):
+    logging.info("run %d of the program: %s", r, workdir)
   seeds = [c.seed for c in configs]
   writer = logs.RunsWriter([logs.MetricWriter(w if is_writer else None) for w in workdirs])
   with signals.StopOnSignal() as stop, contextlib.closing(writer):

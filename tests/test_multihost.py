@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "multihost_local.sh"
 
 
-def _env(base: dict | None = None) -> dict:
-  """The script's environment: this interpreter first on PATH, a short stop grace."""
-  env = dict(base or os.environ)
+def _env(cache_dir: Path | None = None) -> dict:
+  """The script's environment: this interpreter first on PATH, a short stop grace, and the
+  session's compilation cache if given (never to a process that may be SIGKILLed)."""
+  env = dict(os.environ)
   env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
   env["MARK_STOP_GRACE"] = "10"
+  if cache_dir is not None:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
   return env
 
 
@@ -56,12 +61,7 @@ def _assert_close(results: dict, reference: dict) -> None:
 def two_processes(tmp_path_factory, compilation_cache_dir) -> tuple[Path, str]:
   """(workdir, output) of configs/smoke.py run by two processes."""
   workdir = tmp_path_factory.mktemp("multihost") / "run"
-  env = _env()
-  env.update(
-    JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
-  return workdir, _finish(_launch(workdir, env))
+  return workdir, _finish(_launch(workdir, _env(compilation_cache_dir)))
 
 
 def test_two_processes_give_the_one_process_results(two_processes, smoke_run):
@@ -76,7 +76,9 @@ def test_two_processes_give_the_one_process_results(two_processes, smoke_run):
   assert [r["task"] for r in tests] == [0, 1, 2]
 
 
-def test_a_damaged_checkpoint_is_passed_over_as_with_one_process(two_processes, tmp_path):
+def test_a_damaged_checkpoint_is_passed_over_as_with_one_process(
+  two_processes, compilation_cache_dir, tmp_path
+):
   workdir = tmp_path / "run"
   shutil.copytree(two_processes[0], workdir)
   reference = _results(workdir)
@@ -85,13 +87,15 @@ def test_a_damaged_checkpoint_is_passed_over_as_with_one_process(two_processes, 
   with open(damaged, "r+b") as f:
     f.seek(damaged.stat().st_size // 2)
     f.write(b"\0" * 64)
-  output = _finish(_launch(workdir, _env()))
+  output = _finish(_launch(workdir, _env(compilation_cache_dir)))
   assert (workdir / "damaged_checkpoints").is_dir(), output[-3000:]
   assert "Resuming after task 1" in output
   _assert_close(_results(workdir), reference)
 
 
-def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(two_processes, tmp_path):
+def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(
+  two_processes, compilation_cache_dir, tmp_path
+):
   workdir = tmp_path / "run"
   process = _launch(workdir, _env())  # no compilation cache: a SIGKILL could corrupt it
   deadline = time.monotonic() + 600
@@ -106,6 +110,6 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(two_processes, 
   assert "process 1 exited with status" in output and "stopping the others" in output
   assert not (workdir / "checkpoints" / "2").exists()
 
-  output = _finish(_launch(workdir, _env()))
+  output = _finish(_launch(workdir, _env(compilation_cache_dir)))
   assert "Resuming after task" in output
   _assert_close(_results(workdir), _results(two_processes[0]))

@@ -26,7 +26,7 @@ from etils import epath
 from mark_jax import config_checks, mark, metalearning, state, train
 from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
-from mark_jax.runtime import checkpointing, logs, signals
+from mark_jax.runtime import checkpointing, devices, logs, signals
 from mark_jax.runtime import workdir as workdir_lib
 from mark_jax.runtime.errors import ConfigError, DataError
 
@@ -145,7 +145,7 @@ def restore_runs(mngrs, abstract, nets, seeds, num_tasks, mesh, is_writer):
     states.append(run_state)
     walls.append(wall)
   logging.info("Resuming %d runs after task %d", len(mngrs), task)
-  return state.stack(states), accuracy, task + 1, walls
+  return devices.replicate(state.stack(states), mesh), accuracy, task + 1, walls
 
 
 def stopped_results(workdir) -> dict | None:

@@ -72,9 +72,13 @@ def check_finite(run: Run, metrics: dict, t: int, where: str) -> None:
     raise TrainingError(f"every run stopped at a non-finite value; the last: task {t}, {where}")
 
 
-def lane_means(scalars: dict) -> dict:
-  """Scalars of one run as they are; of runs on an axis, their mean (for progress lines)."""
-  return {name: float(np.nanmean(value)) for name, value in scalars.items()}
+def lane_means(scalars: dict, stopped=()) -> dict:
+  """Scalars of one run as they are; of runs on an axis, the mean over the runs not
+  `stopped` (for progress lines)."""
+  return {
+    name: float(np.mean(np.delete(np.atleast_1d(value), list(stopped))))
+    for name, value in scalars.items()
+  }
 
 
 def describe(scalars: dict) -> str:
@@ -107,7 +111,7 @@ def run_loop(run: Run, body, carry, *, task: int, step: str, count: int, unit: s
         f"task_{task:02d}/{step}", i + 1, values, task=task, phase=step, **{unit: i + 1}
       )
       check_finite(run, metrics, task, f"{step} {unit} {i + 1}")
-      bar.update(lane_means(values))
+      bar.update(lane_means(values, run.diverged))
   return carry
 
 

@@ -82,9 +82,11 @@ def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
     for run_dir, run_config in zip(run_dirs, configs, strict=True):
       logging.info("=== seed %d in %s", run_config.seed, run_dir)
       train.train_and_evaluate(run_config, run_dir, _ALLOW_CONFIG_CHANGE.value)
-  finished = [run_dir for run_dir in run_dirs if runs.stopped_results(run_dir) is None]
-  for run_dir in sorted(set(run_dirs) - set(finished)):
-    logging.warning("%s stopped: %s", run_dir, runs.stopped_results(run_dir)[runs.STOPPED])
+  stopped = {run_dir: runs.stopped_results(run_dir) for run_dir in run_dirs}
+  finished = [run_dir for run_dir, results in stopped.items() if results is None]
+  for run_dir, results in stopped.items():
+    if results is not None:
+      logging.warning("%s stopped: %s", run_dir, results[runs.STOPPED])
   if jax.process_index() == 0 and finished:
     print(report.build_report(finished, workdir))
 

@@ -66,7 +66,6 @@ def check_finite(run: Run, metrics: dict, t: int, where: str) -> None:
       )
     if int(r) not in run.diverged:
       run.diverged[int(r)] = f"task {t}, {where}, {what}; task {t} not saved"
-      run.writer.stopped.add(int(r))
       logging.error("run %d of %d stopped: %s", r, run.programs.runs, run.diverged[int(r)])
   if run.programs.runs is not None and len(run.diverged) == run.programs.runs:
     raise TrainingError(f"every run stopped at a non-finite value; the last: task {t}, {where}")

@@ -140,8 +140,7 @@ def restore_runs(mngrs, abstract, nets, seeds, num_tasks, mesh, is_writer):
     _, run_state, saved, wall = (
       restored if restored[0] == task else (task, *checkpointing.restore(mngr, task, abstract))
     )
-    accuracy[r][: saved.shape[0], : saved.shape[1]] = saved
-    accuracy[r][task + 1 :] = np.nan
+    accuracy[r] = train.restored_accuracy(saved, task, num_tasks)
     states.append(run_state)
     walls.append(wall)
   logging.info("Resuming %d runs after task %d", len(mngrs), task)
@@ -204,10 +203,12 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
   for r, workdir in enumerate(workdirs):
     logging.info("run %d of the program: %s", r, workdir)
   seeds = [c.seed for c in configs]
-  writer = logs.RunsWriter([logs.MetricWriter(w if is_writer else None) for w in workdirs])
+  diverged = {}  # run index -> why it stopped (mark.check_finite)
+  writers = [logs.MetricWriter(w if is_writer else None) for w in workdirs]
+  writer = logs.RunsWriter(writers, stopped=diverged)
   with signals.StopOnSignal() as stop, contextlib.closing(writer):
     programs = programs_lib.build_programs(configs[0], benchmarks[0], runs=num_runs)
-    run = mark.Run(configs[0], programs, writer, stop)
+    run = mark.Run(configs[0], programs, writer, stop, diverged=diverged)
     abstract = state.abstract(programs.nets, seeds[0], num_tasks, programs.mesh)
     if is_writer:
       for workdir in workdirs:
@@ -237,7 +238,7 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
         programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test)
       )
       for r in range(num_runs):
-        if r in writer.stopped:
+        if r in diverged:
           if STOPPED not in results[r]:
             results[r] = train.write_results(
               workdirs[r],
@@ -246,7 +247,7 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
               t,
               wall_seconds(r),
               is_writer,
-              **{STOPPED: run.diverged[r]},
+              **{STOPPED: diverged[r]},
             )
           continue
         accuracy[r][t, : t + 1] = seen[r, : t + 1]
@@ -255,15 +256,13 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
         results[r] = train.write_results(
           workdirs[r], configs[r], accuracy[r], t + 1, wall_seconds(r), is_writer
         )
-        scalars = {f"task_{u:02d}": float(seen[r, u]) for u in range(t + 1)}
-        scalars.update(acc=results[r]["acc"], bwt=results[r]["bwt"])
-        writer.writers[r].write("test", t, scalars, task=t, phase="test")
+        train.write_test_scalars(writer.writers[r], t, seen[r], results[r])
       logging.info(
         "task %d done in %.0fs | ACC of each run: %s",
         t,
         time.perf_counter() - task_start,
         " ".join(
-          "stopped" if r in writer.stopped else f"{results[r]['acc']:.4f}" for r in range(num_runs)
+          "stopped" if r in diverged else f"{results[r]['acc']:.4f}" for r in range(num_runs)
         ),
       )
       stop.check(f"the evaluation after task {t}", mark.resume_hint(t + 1))

@@ -75,10 +75,24 @@ def restore(programs: programs_lib.Programs, abstract, mngr, config, workdir: ep
         )
       source = mngr.directory
       run_state, saved, wall_seconds = checkpointing.restore(mngr, restore_task, abstract)
-  accuracy[: saved.shape[0], : saved.shape[1]] = saved
-  accuracy[restore_task + 1 :] = np.nan
+  accuracy = restored_accuracy(saved, restore_task, num_tasks)
   logging.info("Resuming after task %d from %s", restore_task, source)
   return Start(run_state, accuracy, restore_task + 1, wall_seconds)
+
+
+def restored_accuracy(saved: np.ndarray, task: int, num_tasks: int) -> np.ndarray:
+  """The (num_tasks, num_tasks) accuracy matrix of a checkpoint after `task` (NaN after it)."""
+  accuracy = np.full((num_tasks, num_tasks), np.nan)
+  accuracy[: saved.shape[0], : saved.shape[1]] = saved
+  accuracy[task + 1 :] = np.nan
+  return accuracy
+
+
+def write_test_scalars(writer, t: int, seen, results: dict) -> None:
+  """Records task t's test accuracies of the seen tasks, ACC and BWT as metrics."""
+  scalars = {f"task_{u:02d}": float(seen[u]) for u in range(t + 1)}
+  scalars.update(acc=results["acc"], bwt=results["bwt"])
+  writer.write("test", t, scalars, task=t, phase="test")
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
@@ -152,9 +166,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         t,
         " ".join(f"{a:.3f}" for a in seen[: t + 1]),
       )
-      scalars = {f"task_{u:02d}": float(seen[u]) for u in range(t + 1)}
-      scalars.update(acc=results["acc"], bwt=results["bwt"])
-      writer.write("test", t, scalars, task=t, phase="test")
+      write_test_scalars(writer, t, seen, results)
       stop.check(f"the evaluation after task {t}", mark.resume_hint(t + 1))
   logging.info("ACC %.4f BWT %.4f", results["acc"], results["bwt"])
   return results

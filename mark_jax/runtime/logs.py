@@ -159,14 +159,16 @@ class MetricWriter:
 
 class RunsWriter:
   """The MetricWriters of runs on a leading run axis (mark_jax.runs): each run's writer gets
-  that run's entry of every scalar; runs in `stopped` (indices) get nothing more.
+  that run's entry of every scalar; runs in `stopped` get nothing more.
 
   Args:
     writers: one MetricWriter per run.
+    stopped: the indices of stopped runs, kept up to date by the caller (a set or the keys
+      of a dict, such as mark.Run.diverged).
   """
 
-  def __init__(self, writers: list[MetricWriter]):
-    self.writers, self.stopped = writers, set()
+  def __init__(self, writers: list[MetricWriter], stopped):
+    self.writers, self.stopped = writers, stopped
 
   def write(self, tag: str, step: int, scalars: dict, **context) -> None:
     for r, writer in enumerate(self.writers):

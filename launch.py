@@ -19,8 +19,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mark_jax import train
-from mark_jax.runtime import devices, errors, logs
+from mark_jax.runtime import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py); override its keys as --config.key=value."
@@ -70,7 +69,7 @@ def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
   """Runs every seed x swept setting in its own folder of `workdir`, then reports them there."""
   import jax
 
-  from mark_jax import report, runs  # Their flags and imports only matter here.
+  from mark_jax import report, runs, train  # Their flags and imports only matter here.
 
   planned = runs.expand(config, seeds, runs.parse_sweeps(config, sweeps))
   run_dirs = [os.path.join(workdir, folder) for folder, _ in planned]
@@ -94,8 +93,13 @@ def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Imported after flag parsing, so that --help and flag mistakes answer at once.
+  import jax
+
+  from mark_jax import train
+  from mark_jax.runtime import devices, logs
+
   logs.quiet_logs()
-  import jax  # After flag parsing, so --help stays fast.
 
   devices.set_cpu_devices(_CONFIG.value.cpu_devices)
   if _COORDINATOR.value or _CONFIG.value.distributed:

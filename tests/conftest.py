@@ -1,48 +1,67 @@
-"""Shared fixtures: a compilation cache, one finished smoke run reused by several tests."""
+"""Shared fixtures: one compilation cache for the whole session, one reference run.
+
+Most of a tiny run's time is XLA compiling its programs. The session's persistent
+compilation cache is set in the environment before any test runs, so that every process
+the suite starts (launch.py, the multi-host script, pytest-xdist workers) loads what an
+earlier one compiled, and the tenth launch of the same program compiles nothing.
+"""
 
 import os
 import shutil
+import tempfile
+import time
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
+
+from tiny import Reference, checkpoint_digests, read_results, tiny_config
+
+CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+_OWNED_CACHE = "MARK_TESTS_OWN_CACHE"  # set by the process that made the cache: it removes it
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """A persistent compilation cache for the session: tests that build the same programs
-  again (a new Trainer of the same config, a relaunch) load them instead of compiling.
+def pytest_configure(config):
+  """Gives this process and its children (xdist workers included) one compilation cache.
 
-  Never give it to a process that gets SIGKILLed: JAX does not write cache entries
-  atomically.
+  A cache the user set (JAX_COMPILATION_CACHE_DIR) is used as it is, and kept.
   """
-  cache_dir = tmp_path_factory.mktemp("jax_cache")
-  compilation_cache.reset_cache()
-  compilation_cache.set_cache_dir(str(cache_dir))
+  del config
+  if not os.environ.get(CACHE_VARIABLE):
+    os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="mark_jax_tests_cache_")
+    os.environ[_OWNED_CACHE] = str(os.getpid())
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield cache_dir
-  compilation_cache.reset_cache()
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.get(_OWNED_CACHE) == str(os.getpid()):
+    shutil.rmtree(os.environ[CACHE_VARIABLE], ignore_errors=True)
 
 
 @pytest.fixture
-def cached_env(compilation_cache_dir) -> dict[str, str]:
-  """The environment of a subprocess that uses (and fills) the session's compilation cache."""
-  return {
-    **os.environ,
-    "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_dir),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  }
+def killable_env(tmp_path) -> dict[str, str]:
+  """The environment of a subprocess that may be SIGKILLed: a copy of the session's cache.
+
+  JAX writes cache entries in place, not atomically; a kill while writing would leave a
+  truncated entry for every later process. The copy starts warm and is thrown away.
+  """
+  copy = tmp_path / "killable_cache"
+  shutil.copytree(os.environ[CACHE_VARIABLE], copy)
+  return {**os.environ, CACHE_VARIABLE: str(copy)}
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-  """(workdir, results) of one uninterrupted run of configs/smoke.py."""
-  from configs import smoke
+def reference(tmp_path_factory) -> Reference:
+  """The session's one in-process run of tiny_config(), read by every test comparing to it."""
   from mark_jax import train
 
-  workdir = str(tmp_path_factory.mktemp("smoke"))
-  results = train.train_and_evaluate(smoke.get_config(), workdir)
-  return workdir, results
+  workdir = tmp_path_factory.mktemp("reference")
+  start = time.perf_counter()
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  seconds = time.perf_counter() - start
+  return Reference(workdir, read_results(workdir), seconds, checkpoint_digests(workdir))
 
 
 @pytest.fixture

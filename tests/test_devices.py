@@ -26,7 +26,7 @@ from tiny import fresh_run, tiny_config
 from mark_jax import mark
 from mark_jax import programs as programs_lib
 
-benchmark, run, state = fresh_run(tiny_config(batch_size=16, mini_tasks=4))
+benchmark, run, state = fresh_run(tiny_config())
 state = mark.train_task(run, 0, state, benchmark.tasks[0])
 test = programs_lib.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
 accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
@@ -54,12 +54,12 @@ def _result(process: subprocess.Popen) -> dict:
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_eight_devices_give_the_one_device_results():
-  # Both runs at once: each spends most of its time compiling, on one core.
+def test_eight_devices_give_the_one_device_results(reference):
+  # The one-device run loads the reference's programs; both run at once.
   one, eight = map(_result, [_start_one_task(1), _start_one_task(8)])
   assert one["devices"] == 1 and eight["devices"] == 8
   assert eight["mesh"] == {"mini_tasks": 4, "batch": 2}
-  assert abs(one["accuracy"] - eight["accuracy"]) <= 1 / 40 + 1e-6  # one test image at most
+  assert abs(one["accuracy"] - eight["accuracy"]) <= 1 / 100 + 1e-6  # one test image at most
   for a, b in zip(one["kb"], eight["kb"], strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 

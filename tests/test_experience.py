@@ -16,6 +16,8 @@ from mark_jax import config_checks, evaluate
 from mark_jax.runtime import checkpointing, logs
 from scripts import kb_drift
 
+from tiny import launch_command, tiny_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,8 +36,8 @@ def _events(directory: str) -> list:
   return scalars
 
 
-def test_metrics_go_to_jsonl_and_tensorboard(smoke_run):
-  workdir, results = smoke_run
+def test_metrics_go_to_jsonl_and_tensorboard(reference):
+  workdir, results = str(reference.workdir), reference.results
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   phases = {(r["task"], r["phase"]) for r in records if "epoch" in r}
@@ -53,8 +55,8 @@ def test_metrics_go_to_jsonl_and_tensorboard(smoke_run):
     assert json.load(f)["dataset"] == "synthetic"
 
 
-def test_evaluate_reproduces_the_recorded_accuracies(smoke_run):
-  workdir, results = smoke_run
+def test_evaluate_reproduces_the_recorded_accuracies(reference):
+  workdir, results = str(reference.workdir), reference.results
   latest = evaluate.evaluate(workdir)
   assert latest["task"] == 2
   assert latest["test_accuracy"] == pytest.approx(results["accuracy_matrix"][2], abs=1e-6)
@@ -63,8 +65,8 @@ def test_evaluate_reproduces_the_recorded_accuracies(smoke_run):
   assert "mean" in evaluate.format_evaluation(latest)
 
 
-def test_kb_drift_reports_how_far_metalearning_moved_the_kb(smoke_run, capsys):
-  workdir, _ = smoke_run
+def test_kb_drift_reports_how_far_metalearning_moved_the_kb(reference, capsys):
+  workdir = str(reference.workdir)
   kb_drift.main([workdir])
   reported = float(capsys.readouterr().out.split()[-1])
   mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"))
@@ -165,27 +167,10 @@ def test_help_explains_the_flags(command):
     assert flag in result.stdout
 
 
-def test_seeds_run_from_one_command_and_are_reported_together(tmp_path, cached_env):
-  overrides = [
-    "--config.max_tasks=1",
-    "--config.epochs=1",
-    "--config.synthetic.train_per_class=16",
-    "--config.synthetic.test_per_class=4",
-    "--config.batch_size=16",
-    "--config.eval_batch_size=20",
-    "--config.mini_tasks=2",
-    "--config.inner_steps=2",
-  ]
-  command = [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={tmp_path}"]
-  # The second seed loads the first one's compiled programs from the cache.
-  result = subprocess.run(
-    [*command, "--seeds=3,4", *overrides],
-    cwd=ROOT,
-    env=cached_env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+def test_seeds_run_from_one_command_and_are_reported_together(reference, tmp_path):
+  # tiny_config()'s programs, compiled by the reference run; one epoch per phase.
+  command = launch_command(tmp_path, "--seeds=3,4", *tiny_flags(), "--config.epochs=1")
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   for seed in (3, 4):
     with open(tmp_path / f"seed_{seed}" / "results.json") as f:

@@ -92,7 +92,7 @@ def _loop_map(fn):
 
 @pytest.mark.parametrize("accuracy_batch", ["same", "next"])
 def test_vmapped_round_equals_python_loop(accuracy_batch):
-  config = tiny_config(meta_accuracy_batch=accuracy_batch, inner_steps=4, mini_tasks=3)
+  config = tiny_config(meta_accuracy_batch=accuracy_batch, inner_steps=4, mini_tasks=2)
   config.conv_impl = "patches"
   nets = models.Networks(config, 32, 5)
   kb = nets.init_knowledge_base(jax.random.PRNGKey(0))

@@ -3,7 +3,6 @@ CPU device each) over loopback with jax.distributed, as the hosts of a Cloud TPU
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,25 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tiny import ROOT, tiny_flags
+
 SCRIPT = ROOT / "scripts" / "multihost_local.sh"
 
 
-def _env(cache_dir: Path | None = None) -> dict:
-  """The script's environment: this interpreter first on PATH, a short stop grace, and the
-  session's compilation cache if given (never to a process that may be SIGKILLed)."""
-  env = dict(os.environ)
+def _env(base: dict | None = None) -> dict:
+  """The script's environment: this interpreter first on PATH and a short stop grace."""
+  env = dict(os.environ if base is None else base)
   env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
   env["MARK_STOP_GRACE"] = "10"
-  if cache_dir is not None:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
-    )
   return env
 
 
 def _launch(workdir: Path, env: dict) -> subprocess.Popen:
-  command = ["bash", str(SCRIPT), str(workdir), "--config", "configs/smoke.py"]
+  command = ["bash", str(SCRIPT), str(workdir), "--config", "configs/smoke.py", *tiny_flags()]
   return subprocess.Popen(
     command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -58,16 +53,15 @@ def _assert_close(results: dict, reference: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, compilation_cache_dir) -> tuple[Path, str]:
-  """(workdir, output) of configs/smoke.py run by two processes."""
+def two_processes(tmp_path_factory) -> tuple[Path, str]:
+  """(workdir, output) of tiny_config() run by two processes."""
   workdir = tmp_path_factory.mktemp("multihost") / "run"
-  return workdir, _finish(_launch(workdir, _env(compilation_cache_dir)))
+  return workdir, _finish(_launch(workdir, _env()))
 
 
-def test_two_processes_give_the_one_process_results(two_processes, smoke_run):
+def test_two_processes_give_the_one_process_results(two_processes, reference):
   workdir, output = two_processes
-  _, reference = smoke_run  # one process, two devices: the same mesh
-  _assert_close(_results(workdir), reference)
+  _assert_close(_results(workdir), reference.results)  # one device: equal up to rounding
   assert "[process 1]" in output and "[process 1 of 2] task 2 done" in output
   assert sorted(os.listdir(workdir / "checkpoints")) == ["0", "1", "2"]
   # Only process 0 writes the run's files: one metrics line per record, not two.
@@ -76,32 +70,21 @@ def test_two_processes_give_the_one_process_results(two_processes, smoke_run):
   assert [r["task"] for r in tests] == [0, 1, 2]
 
 
-def test_a_damaged_checkpoint_is_passed_over_as_with_one_process(
-  two_processes, compilation_cache_dir, tmp_path
+def test_a_killed_process_stops_the_other_and_a_relaunch_passes_over_a_damaged_checkpoint(
+  two_processes, killable_env, tmp_path
 ):
-  workdir = tmp_path / "run"
-  shutil.copytree(two_processes[0], workdir)
-  reference = _results(workdir)
-  state_files = (workdir / "checkpoints" / "2" / "state").rglob("*")
-  damaged = max((p for p in state_files if p.is_file()), key=os.path.getsize)
-  with open(damaged, "r+b") as f:
-    f.seek(damaged.stat().st_size // 2)
-    f.write(b"\0" * 64)
-  output = _finish(_launch(workdir, _env(compilation_cache_dir)))
-  assert (workdir / "damaged_checkpoints").is_dir(), output[-3000:]
-  assert "Resuming after task 1" in output
-  _assert_close(_results(workdir), reference)
+  """Process 1 SIGKILLed once task 1 is saved: process 0 stops too. The checkpoint of task 1
+  is then damaged: the relaunch moves it aside as one process would, and resumes after task 0.
 
-
-def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(
-  two_processes, compilation_cache_dir, tmp_path
-):
+  (Each launch costs process 1 a full compilation: JAX writes the persistent cache from
+  process 0 only, and process 1's programs have keys of their own.)
+  """
   workdir = tmp_path / "run"
-  process = _launch(workdir, _env())  # no compilation cache: a SIGKILL could corrupt it
+  process = _launch(workdir, _env(killable_env))
   deadline = time.monotonic() + 600
-  while not (workdir / "checkpoints" / "0").is_dir():
-    assert process.poll() is None and time.monotonic() < deadline, "no checkpoint of task 0"
-    time.sleep(0.5)
+  while not (workdir / "checkpoints" / "1").is_dir():
+    assert process.poll() is None and time.monotonic() < deadline, "no checkpoint of task 1"
+    time.sleep(0.05)
   pattern = f"launch.py .*--workdir {workdir} .*--process_id=1"
   victim = int(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout)
   os.kill(victim, signal.SIGKILL)
@@ -110,6 +93,12 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(
   assert "process 1 exited with status" in output and "stopping the others" in output
   assert not (workdir / "checkpoints" / "2").exists()
 
-  output = _finish(_launch(workdir, _env(compilation_cache_dir)))
-  assert "Resuming after task" in output
+  state_files = (workdir / "checkpoints" / "1" / "state").rglob("*")
+  damaged = max((p for p in state_files if p.is_file()), key=os.path.getsize)
+  with open(damaged, "r+b") as f:
+    f.seek(damaged.stat().st_size // 2)
+    f.write(b"\0" * 64)
+  output = _finish(_launch(workdir, _env()))
+  assert (workdir / "damaged_checkpoints").is_dir(), output[-3000:]
+  assert "Resuming after task 0" in output
   _assert_close(_results(workdir), _results(two_processes[0]))

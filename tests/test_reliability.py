@@ -4,16 +4,13 @@ One uninterrupted in-process run of the tiny config is the reference; every reco
 must end with its accuracy matrix, ACC, BWT and, bit for bit, its checkpointed states.
 """
 
-import dataclasses
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -24,59 +21,25 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from configs import smoke
 from mark_jax import mark, train
 from mark_jax.data import datasets
 from mark_jax.data.tasks import Split
 from mark_jax.runtime import checkpointing, errors
 from mark_jax.runtime import workdir as workdir_lib
 
-from tiny import abstract_state, tiny_config
+from tiny import (
+  ROOT,
+  abstract_state,
+  checkpoint_digests,
+  final_numbers,
+  kill_after_first_checkpoint,
+  launch_command,
+  read_results,
+  tiny_config,
+  tiny_flags,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-KILL_SEED = 5  # Its delay is 0.6 of the reference run: inside task 0, mostly compilation.
-RESULT_KEYS = ("accuracy_matrix", "acc", "bwt")
-
-
-def config_overrides(config, base) -> list[str]:
-  """The `--config.key=value` flags that turn config `base` into `config`."""
-  wanted, given = (
-    workdir_lib.flatten_config(config.to_dict()),
-    workdir_lib.flatten_config(base.to_dict()),
-  )
-  assert set(wanted) == set(given), "the two configs have different keys"
-  return [f"--config.{key}={value}" for key, value in sorted(wanted.items()) if value != given[key]]
-
-
-TINY_FLAGS = config_overrides(tiny_config(), smoke.get_config())
-
-
-def launch_command(workdir: Path, config_flags: list[str]) -> list[str]:
-  return [
-    sys.executable,
-    "launch.py",
-    "--config=configs/smoke.py",
-    f"--workdir={workdir}",
-    *config_flags,
-  ]
-
-
-def read_results(workdir: Path) -> dict:
-  return json.loads((workdir / "results.json").read_text())
-
-
-def final_numbers(results: dict) -> dict:
-  return {key: results[key] for key in RESULT_KEYS}
-
-
-def checkpoint_digests(workdir: Path) -> dict[int, str]:
-  """Task -> the state digest written in that task's checkpoint metadata."""
-  checkpoints = workdir / "checkpoints"
-  return {
-    int(entry.name): json.loads((entry / "metadata" / "metadata").read_text())["state_sha256"]
-    for entry in checkpoints.iterdir()
-    if entry.name.isdigit()
-  }
+KILL_SEED = 5
 
 
 def file_sizes(root: Path) -> dict[str, int]:
@@ -86,30 +49,6 @@ def file_sizes(root: Path) -> dict[str, int]:
 
 def largest_array_file(checkpoint: Path) -> Path:
   return max((p for p in (checkpoint / "state").rglob("*") if p.is_file()), key=os.path.getsize)
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-  """An uninterrupted tiny run: its workdir, results.json, duration and checkpoint digests."""
-
-  workdir: Path
-  results: dict
-  seconds: float
-  digests: dict[int, str]
-
-  def assert_matches(self, workdir: Path) -> None:
-    """Asserts that `workdir` ended with the same numbers and checkpointed states."""
-    assert final_numbers(read_results(workdir)) == final_numbers(self.results)
-    assert checkpoint_digests(workdir) == self.digests
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Reference:
-  workdir = tmp_path_factory.mktemp("reference")
-  start = time.perf_counter()
-  train.train_and_evaluate(tiny_config(), str(workdir))
-  seconds = time.perf_counter() - start
-  return Reference(workdir, read_results(workdir), seconds, checkpoint_digests(workdir))
 
 
 @pytest.fixture
@@ -133,10 +72,6 @@ def moved_checkpoints(workdir: Path) -> dict[int, Path]:
 
 
 # Kills and signals (subprocesses of launch.py).
-
-
-def uncached_env() -> dict[str, str]:
-  return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def terminate_at_line(
@@ -164,47 +99,32 @@ def terminate_at_line(
   return process.wait(), lines
 
 
-def kill_after(command: list[str], delay: float, log_path: Path) -> int:
-  """Runs `command` (compiling everything) and SIGKILLs it after `delay` seconds.
+def test_terminated_then_killed_run_resumes_to_the_reference(reference, killable_env, tmp_path):
+  """SIGTERM at the first epoch, SIGKILL at a random moment after task 0 is saved, a relaunch.
 
-  Returns:
-    Its exit code.
-  """
-  with open(log_path, "w") as log:
-    process = subprocess.Popen(
-      command, cwd=ROOT, env=uncached_env(), stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-      return process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      return process.wait()
-
-
-def test_terminated_then_killed_run_resumes_to_the_reference(reference, cached_env, tmp_path):
-  """SIGTERM at the first epoch, then SIGKILL at a random moment, then a full relaunch.
-
-  The killed launch compiles from scratch, like the reference, so that the kill lands
-  anywhere in a run as long as the reference's; the other two load compiled code.
+  Each launch loads the programs the reference compiled; the killed one from a copy of the
+  compilation cache.
   """
   workdir = tmp_path / "run"
-  command = launch_command(workdir, TINY_FLAGS)
+  command = launch_command(workdir, *tiny_flags())
 
-  code, lines = terminate_at_line(command, cached_env, "epoch 1/", timeout=300)
+  code, lines = terminate_at_line(command, os.environ, "epoch 1/", timeout=300)
   assert code == 128 + signal.SIGTERM, "\n".join(lines[-20:])
   assert lines[-1].startswith("error: stopped by SIGTERM during task 0 ")
   assert lines[-1].endswith("relaunch the same command to resume from the start")
   assert not any("Traceback" in line for line in lines)
   assert read_results(workdir)["tasks_completed"] == 0
 
-  delay = random.Random(KILL_SEED).uniform(0.1, 0.9) * reference.seconds
-  code = kill_after(command, delay, tmp_path / "killed.log")
-  assert code == -signal.SIGKILL, f"finished before the kill at {delay:.1f}s"
+  with open(tmp_path / "killed.log", "w") as log:
+    process = subprocess.Popen(
+      command, cwd=ROOT, env=killable_env, stdout=log, stderr=subprocess.STDOUT
+    )
+    saved = kill_after_first_checkpoint(process, [workdir], KILL_SEED)
+  assert 0 in saved and 2 not in saved, saved
 
-  completed = subprocess.run(
-    command, cwd=ROOT, env=cached_env, capture_output=True, text=True, timeout=600
-  )
+  completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
+  assert f"Resuming after task {saved[-1]}" in completed.stderr
   reference.assert_matches(workdir)
 
 
@@ -294,20 +214,20 @@ def test_another_config_is_refused_unless_allowed(reference, finished_copy, monk
   with monkeypatch.context() as patch:
     patch.setattr(datasets, "load_benchmark", lambda config: pytest.fail("data loaded"))
     with pytest.raises(errors.WorkdirError) as refused:
-      train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
+      train.train_and_evaluate(tiny_config(epochs=4), str(workdir))
   message = str(refused.value)
-  assert "epochs: 2 -> 3" in message and "--allow_config_change" in message
+  assert "epochs: 5 -> 4" in message and "--allow_config_change" in message
   assert "\n" not in message
 
   moved_data = train.train_and_evaluate(tiny_config(data_dir="/elsewhere"), str(workdir))
   assert final_numbers(moved_data) == final_numbers(reference.results)
   assert not list(workdir.glob("config.before-*.json"))
 
-  forced = train.train_and_evaluate(tiny_config(epochs=3), str(workdir), allow_config_change=True)
+  forced = train.train_and_evaluate(tiny_config(epochs=4), str(workdir), allow_config_change=True)
   assert final_numbers(forced) == final_numbers(reference.results)
   (kept,) = workdir.glob("config.before-*.json")
-  assert json.loads(kept.read_text())["epochs"] == 2
-  assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+  assert json.loads(kept.read_text())["epochs"] == 5
+  assert json.loads((workdir / "config.json").read_text())["epochs"] == 4
 
 
 def test_a_forced_change_of_the_state_shapes_keeps_the_checkpoints(finished_copy):
@@ -346,7 +266,7 @@ def test_every_replaced_config_is_kept(tmp_path, monkeypatch):
 
 def test_cli_reports_every_config_problem_before_any_work(tmp_path):
   workdir = tmp_path / "run"
-  command = launch_command(workdir, ["--config.batch_size=0", "--config.momentum=2.0"])
+  command = launch_command(workdir, "--config.batch_size=0", "--config.momentum=2.0")
   start = time.perf_counter()
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
   seconds = time.perf_counter() - start

@@ -1,26 +1,27 @@
 """Runs on a leading run axis (mark_jax.runs): equal to runs alone, resumable, stopped alone."""
 
 import json
-import random
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from configs import smoke
-from mark_jax import runs, train
+from mark_jax import runs
 from mark_jax.runtime import checkpointing
 from mark_jax.runtime.errors import ConfigError
 
-from tiny import abstract_state, tiny_config
+from tiny import (
+  ROOT,
+  abstract_state,
+  kill_after_first_checkpoint,
+  launch_command,
+  tiny_config,
+  tiny_flags,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 KILL_SEED = 3
 
 
@@ -49,19 +50,32 @@ def _losses(workdir, task: int, phase: str) -> list[float]:
   ]
 
 
-def test_smoke_runs_in_one_program_equal_each_run_alone(tmp_path):
-  # Mask bias 1.0, as every fidelity run: at the framework's default mask init the smoke
-  # config amplifies float rounding (seed 48 alone scores ACC 0.970 on two CPU devices and
-  # 0.943 on one), beyond the tolerance asked of one program.
-  config = smoke.get_config()
-  config.mask_bias_init = 1.0
-  alone = tmp_path / "alone"
-  train.train_and_evaluate(config, str(alone))
-  other_seed = config.seed + 1
-  dirs = _train(config, tmp_path / "together", [other_seed, config.seed])  # alone's seed: run 1
-  assert [d.name for d in dirs] == [f"seed_{other_seed}", f"seed_{config.seed}"]
+SEEDS = [49, 48]  # the reference's seed as run 1
+DIVERGING = tiny_config(meta_step_size=0.0, epochs=1)  # the epochs change no program
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory) -> tuple[Path, list[Path]]:
+  """(workdir, run dirs) of tiny_config() with two seeds as one program, uninterrupted."""
+  workdir = tmp_path_factory.mktemp("seeds")
+  return workdir, _train(tiny_config(), workdir, SEEDS)
+
+
+@pytest.fixture(scope="module")
+def diverging_runs(tmp_path_factory) -> tuple[list[Path], list[dict]]:
+  """(run dirs, results) of a KB frozen by a zero Reptile step, with inner learning rates
+  0.01 and 1e12 (which diverges) as one program; one epoch per phase."""
+  workdir = tmp_path_factory.mktemp("diverging")
+  dirs = _train(DIVERGING, workdir, [0], ["inner_learning_rate=0.01,1e12"])
+  return dirs, [_results(d) for d in dirs]
+
+
+def test_runs_in_one_program_equal_each_run_alone(reference, seed_runs):
+  alone = reference.workdir
+  _, dirs = seed_runs
+  assert [d.name for d in dirs] == [f"seed_{seed}" for seed in SEEDS]
   together = _results(dirs[1])
-  assert together["config"]["seed"] == config.seed
+  assert together["config"]["seed"] == reference.results["config"]["seed"]
   assert abs(together["acc"] - _results(alone)["acc"]) <= 0.02
   assert np.nanmax(np.abs(_matrix(dirs[1]) - _matrix(alone))) <= 0.05
   # Before rounding differences have been amplified by training, the numbers agree closely.
@@ -76,109 +90,75 @@ def test_smoke_runs_in_one_program_equal_each_run_alone(tmp_path):
   assert _losses(dirs[0], 0, "feature_extractor") != _losses(dirs[1], 0, "feature_extractor")
 
 
-@pytest.fixture(scope="module")
-def sweep_reference(tmp_path_factory):
-  """(workdir, run dirs, seconds) of an uninterrupted tiny sweep: steps 0 and 0.1, seed 0."""
-  workdir = tmp_path_factory.mktemp("sweep")
-  start = time.perf_counter()
-  dirs = _train(tiny_config(), workdir, [0], ["meta_step_size=0,0.1"])
-  return workdir, dirs, time.perf_counter() - start
-
-
 def _kb(run_dir: Path, task: int) -> list:
   mngr = checkpointing.manager(run_dir / "checkpoints")
   run_state, _, _ = checkpointing.restore(mngr, task, abstract_state(tiny_config()))
   return jax.tree.leaves(run_state["knowledge_base"])
 
 
-def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(sweep_reference):
-  _, dirs, _ = sweep_reference
-  assert [str(d.relative_to(d.parent.parent)) for d in dirs] == [
-    "meta_step_size=0.0/seed_0",
-    "meta_step_size=0.1/seed_0",
-  ]
-  for d in dirs:
+def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(seed_runs, diverging_runs):
+  (frozen, _), _ = diverging_runs
+  moved = seed_runs[1][0]  # the default step, 0.001
+  for d, step in ((frozen, 0.0), (moved, 0.001)):
+    assert _results(d)["config"]["meta_step_size"] == step
     first, last = _kb(d, 0), _kb(d, 2)
     same = all(np.array_equal(a, b) for a, b in zip(first, last, strict=True))
-    assert same == d.parent.name.endswith("=0.0"), d
+    assert same == (step == 0.0), d
 
 
-def test_killed_runs_resume_to_the_uninterrupted_numbers(sweep_reference, cached_env, tmp_path):
-  """SIGKILL at a random moment of a launch, then a relaunch: every run as uninterrupted.
-
-  The killed launch compiles from scratch (a killed process must not write the compilation
-  cache); the relaunch loads what the reference compiled.
-  """
-  reference_dir, reference_dirs, seconds = sweep_reference
-  workdir = tmp_path / "sweep"
-  flags = [f"--config.{k}={v}" for k, v in _tiny_flags().items()]
-  command = [
-    sys.executable,
-    "launch.py",
-    "--config=configs/smoke.py",
-    f"--workdir={workdir}",
-    "--seeds=0",
-    "--sweep=meta_step_size=0,0.1",
+def test_killed_runs_resume_to_the_uninterrupted_numbers(seed_runs, killable_env, tmp_path):
+  """SIGKILL at a random moment after both runs saved task 0, then a relaunch: every run as
+  uninterrupted. The killed launch loads its programs from a copy of the compilation cache."""
+  reference_dir, reference_dirs = seed_runs
+  workdir = tmp_path / "seeds"
+  command = launch_command(
+    workdir,
+    f"--seeds={','.join(map(str, SEEDS))}",
     "--config.runs_in_one_program=True",
-    *flags,
-  ]
-  delay = random.Random(KILL_SEED).uniform(0.3, 0.9) * seconds
-  uncached = {k: v for k, v in cached_env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    *tiny_flags(),
+  )
+  run_dirs = [workdir / ref.relative_to(reference_dir) for ref in reference_dirs]
   with open(tmp_path / "killed.log", "w") as log:
     process = subprocess.Popen(
-      command, cwd=ROOT, env=uncached, stdout=log, stderr=subprocess.STDOUT
+      command, cwd=ROOT, env=killable_env, stdout=log, stderr=subprocess.STDOUT
     )
-    try:
-      process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-      process.kill()
-  assert process.wait() == -signal.SIGKILL, f"finished before the kill at {delay:.1f}s"
-  completed = subprocess.run(
-    command, cwd=ROOT, env=cached_env, capture_output=True, text=True, timeout=600
-  )
+    saved = kill_after_first_checkpoint(process, run_dirs, KILL_SEED)
+  assert 0 in saved and 2 not in saved, saved
+  completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
-  for ref in reference_dirs:
-    resumed = workdir / ref.relative_to(reference_dir)
+  for resumed, ref in zip(run_dirs, reference_dirs, strict=True):
     np.testing.assert_array_equal(_matrix(resumed), _matrix(ref))
 
 
-def _tiny_flags() -> dict:
-  from mark_jax.runtime import workdir as workdir_lib
-
-  wanted = workdir_lib.flatten_config(tiny_config().to_dict())
-  base = workdir_lib.flatten_config(smoke.get_config().to_dict())
-  return {k: v for k, v in sorted(wanted.items()) if v != base[k]}
-
-
-def test_runs_saved_at_different_tasks_resume_together(sweep_reference, tmp_path):
+def test_runs_saved_at_different_tasks_resume_together(seed_runs, tmp_path):
   """A kill between two runs' saves: the run behind retrains, the one ahead keeps its files."""
-  reference_dir, reference_dirs, _ = sweep_reference
+  reference_dir, reference_dirs = seed_runs
   workdir = tmp_path / "copy"
   shutil.copytree(reference_dir, workdir)
   behind = workdir / reference_dirs[1].relative_to(reference_dir)
   mngr = checkpointing.manager(behind / "checkpoints")
   shutil.rmtree(behind / "checkpoints" / "2")
   mngr.reload()
-  dirs = _train(tiny_config(), workdir, [0], ["meta_step_size=0,0.1"])
+  dirs = _train(tiny_config(), workdir, SEEDS)
   for d, ref in zip(dirs, reference_dirs, strict=True):
     np.testing.assert_array_equal(_matrix(d), _matrix(ref))
 
 
-def test_a_diverging_run_stops_alone(tmp_path):
-  config = tiny_config(max_tasks=1)
-  dirs = _train(config, tmp_path, [0], ["inner_learning_rate=0.01,1e12"])
-  diverged, healthy = _results(dirs[1]), _results(dirs[0])
-  assert healthy["tasks_completed"] == 1 and "stopped" not in healthy
+def test_a_diverging_run_stops_alone(diverging_runs, tmp_path):
+  dirs, (healthy, diverged) = diverging_runs
+  assert healthy["tasks_completed"] == 3 and "stopped" not in healthy
   assert diverged["tasks_completed"] == 0
   assert diverged["stopped"].startswith("task 0, metalearning round 1")
   assert not (dirs[1] / "checkpoints" / "0").exists()
   # A relaunch leaves the stopped run out, keeps its record and resumes the other.
-  again = _train(config, tmp_path, [0], ["inner_learning_rate=0.01,1e12"])
-  assert again == dirs
-  assert (
-    _results(dirs[1]) == diverged
-    and _results(dirs[0])["accuracy_matrix"] == (healthy["accuracy_matrix"])
-  )
+  workdir = tmp_path / "copy"
+  shutil.copytree(dirs[0].parent.parent, workdir)
+  copies = [workdir / d.relative_to(dirs[0].parent.parent) for d in dirs]
+  shutil.rmtree(copies[0] / "checkpoints" / "2")
+  again = _train(DIVERGING, workdir, [0], ["inner_learning_rate=0.01,1e12"])
+  assert again == copies
+  assert _results(copies[1]) == diverged
+  assert _results(copies[0])["accuracy_matrix"] == healthy["accuracy_matrix"]
 
 
 def test_seeds_cross_every_swept_value_in_folders_named_by_the_values():

@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import smoke
 from mark_jax import train
+from mark_jax.data import datasets
 from mark_jax.runtime import checkpointing, errors
 
 from tiny import abstract_state, fresh_run, tiny_config
@@ -26,8 +26,8 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_smoke_run_learns(smoke_run):
-  workdir, results = smoke_run
+def test_tiny_run_learns(reference):
+  workdir, results = str(reference.workdir), reference.results
   assert results["tasks_completed"] == 3
   assert results["acc"] >= 0.6
   with open(os.path.join(workdir, "results.json")) as f:
@@ -39,13 +39,13 @@ def test_smoke_run_learns(smoke_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "1", "2"]
 
 
-def test_resume_after_interruption_equals_uninterrupted(smoke_run, copy_workdir):
-  workdir, results = smoke_run
+def test_resume_after_interruption_equals_uninterrupted(reference, copy_workdir):
+  workdir, results = str(reference.workdir), reference.results
   resumed_dir = copy_workdir(workdir)
   # The disk as a kill during task 2 leaves it: checkpoints of tasks 0 and 1 only.
   shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "2"))
   os.remove(os.path.join(resumed_dir, "results.json"))
-  resumed = train.train_and_evaluate(smoke.get_config(), resumed_dir)
+  resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
   assert resumed["accuracy_matrix"] == results["accuracy_matrix"]
   assert resumed["acc"] == results["acc"] and resumed["bwt"] == results["bwt"]
   # The wall time counts the first session's tasks 0 and 1 too, as checkpointed.
@@ -54,18 +54,18 @@ def test_resume_after_interruption_equals_uninterrupted(smoke_run, copy_workdir)
   assert 0 < saved["wall_seconds"] < resumed["wall_seconds"]
 
 
-def test_restore_task_branches_into_a_new_workdir(smoke_run, tmp_path):
-  workdir, results = smoke_run
-  config = smoke.get_config()
+def test_restore_task_branches_into_a_new_workdir(reference, tmp_path):
+  workdir, results = str(reference.workdir), reference.results
+  config = tiny_config()
   config.restore_task = 0
   config.restore_dir = workdir
   branched = train.train_and_evaluate(config, str(tmp_path / "branch"))
   assert branched["accuracy_matrix"] == results["accuracy_matrix"]
 
 
-def test_restore_task_refuses_to_mix_with_later_checkpoints(smoke_run, copy_workdir):
-  workdir, _ = smoke_run
-  config = smoke.get_config()
+def test_restore_task_refuses_to_mix_with_later_checkpoints(reference, copy_workdir):
+  workdir = str(reference.workdir)
+  config = tiny_config()
   config.restore_task = 0
   with pytest.raises(errors.CheckpointError, match="--config.restore_dir"):
     train.train_and_evaluate(config, copy_workdir(workdir))
@@ -86,12 +86,28 @@ def test_checkpoint_round_trip(tmp_path):
     checkpointing.restore(mngr, 5, abstract)
 
 
-def test_cifar100_end_to_end_on_tfds_mock_data(tmp_path):
-  config = tiny_config(dataset="cifar100", max_tasks=2, validation_fraction=0.15)
-  with tfds.testing.mock_data(num_examples=400):
+def _cifar100_like_source(builder, split, **kwargs):
+  """tfds.data_source's records for the mocked CIFAR-100: tiny_config()'s images per class,
+  so that the run loads the programs the reference compiled."""
+  del builder, kwargs
+  config = tiny_config().synthetic
+  train_split, test_split = datasets.synthetic_splits(
+    num_classes=100,
+    train_per_class=config.train_per_class,
+    test_per_class=config.test_per_class,
+    image_size=32,
+    seed=0,
+  )
+  chosen = train_split if split == "train" else test_split
+  return [{"image": x, "label": y} for x, y in zip(chosen.images, chosen.labels, strict=True)]
+
+
+def test_cifar100_end_to_end_on_tfds_mock_data(reference, tmp_path):
+  config = tiny_config(dataset="cifar100", max_tasks=3)
+  with tfds.testing.mock_data(as_data_source_fn=_cifar100_like_source):
     results = train.train_and_evaluate(config, str(tmp_path))
-  assert results["tasks_completed"] == 2
-  assert len(results["accuracy_matrix"]) == 2 and len(results["accuracy_matrix"][0]) == 2
+  assert results["tasks_completed"] == 3
+  assert len(results["accuracy_matrix"]) == 3 and len(results["accuracy_matrix"][0]) == 3
   assert 0.0 <= results["acc"] <= 1.0 and np.isfinite(results["bwt"])
 
 

@@ -1,22 +1,75 @@
-"""The smallest useful MARK config, for tests."""
+"""The smallest useful MARK config for tests, its launch.py flags, a kill at a known point,
+and what tests read of a finished run."""
+
+import dataclasses
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(**overrides):
-  """configs/smoke.py shrunk further: 3 synthetic tasks, 2 epochs, tiny meta round."""
+  """configs/smoke.py shrunk further: 3 synthetic tasks of 80 training and 100 test images,
+  5 epochs, a tiny meta round, masks starting near identity (as the fidelity runs), so that
+  it learns (ACC well above the 0.2 of chance) in a few seconds once compiled."""
   from configs import smoke
 
   config = smoke.get_config()
   config.synthetic.train_per_class = 16
-  config.synthetic.test_per_class = 8
+  config.synthetic.test_per_class = 20
   config.batch_size = 16
-  config.eval_batch_size = 40
-  config.epochs = 2
-  config.mini_tasks = 3
+  config.eval_batch_size = 50
+  config.epochs = 5
+  config.mask_bias_init = 1.0
+  config.mini_tasks = 4
   config.inner_steps = 3
   config.cpu_devices = 0  # one device, like the test process: launches match in-process runs
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+def tiny_flags(config=None) -> list[str]:
+  """The `--config.key=value` flags that turn configs/smoke.py into `config` (tiny_config())."""
+  from configs import smoke
+  from mark_jax.runtime import workdir as workdir_lib
+
+  wanted = workdir_lib.flatten_config((config or tiny_config()).to_dict())
+  given = workdir_lib.flatten_config(smoke.get_config().to_dict())
+  assert set(wanted) == set(given), "the two configs have different keys"
+  return [f"--config.{key}={value}" for key, value in sorted(wanted.items()) if value != given[key]]
+
+
+def launch_command(workdir: Path, *flags: str) -> list[str]:
+  """launch.py on configs/smoke.py in `workdir` with `flags` (e.g. tiny_flags())."""
+  return [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
+
+
+def kill_after_first_checkpoint(
+  process: subprocess.Popen, run_dirs: list[Path], seed: int, timeout: float = 300
+) -> list[int]:
+  """SIGKILLs `process` a seeded random moment (up to a second) after every run in
+  `run_dirs` has saved task 0, while it still trains.
+
+  Returns:
+    The tasks whose checkpoints existed in the first run dir at the kill.
+  """
+  deadline = time.monotonic() + timeout
+  while not all((d / "checkpoints" / "0").is_dir() for d in run_dirs):
+    assert process.poll() is None, f"exited with {process.returncode} before saving task 0"
+    assert time.monotonic() < deadline, "no checkpoint of task 0"
+    time.sleep(0.05)
+  time.sleep(random.Random(seed).uniform(0.0, 1.0))
+  saved = sorted(int(p.name) for p in (run_dirs[0] / "checkpoints").iterdir() if p.name.isdigit())
+  assert process.poll() is None, "finished before the kill"
+  process.kill()
+  assert process.wait() == -signal.SIGKILL
+  return saved
 
 
 def fresh_run(config):
@@ -51,3 +104,38 @@ def abstract_state(config):
   benchmark = datasets.load_benchmark(config)
   nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
   return state.abstract(nets, config.seed, len(benchmark.tasks), programs_lib.make_mesh(config))
+
+
+def checkpoint_digests(workdir: Path) -> dict[int, str]:
+  """Task -> the state digest written in that task's checkpoint metadata."""
+  return {
+    int(entry.name): json.loads((entry / "metadata" / "metadata").read_text())["state_sha256"]
+    for entry in (workdir / "checkpoints").iterdir()
+    if entry.name.isdigit()
+  }
+
+
+RESULT_KEYS = ("accuracy_matrix", "acc", "bwt")
+
+
+def final_numbers(results: dict) -> dict:
+  return {key: results[key] for key in RESULT_KEYS}
+
+
+def read_results(workdir: Path) -> dict:
+  return json.loads((Path(workdir) / "results.json").read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """An uninterrupted run of tiny_config(): workdir, results.json, duration, digests."""
+
+  workdir: Path
+  results: dict
+  seconds: float
+  digests: dict[int, str]
+
+  def assert_matches(self, workdir: Path) -> None:
+    """Asserts that `workdir` ended with the same numbers and checkpointed states."""
+    assert final_numbers(read_results(workdir)) == final_numbers(self.results)
+    assert checkpoint_digests(workdir) == self.digests

@@ -2,14 +2,13 @@
 
 Most of a tiny run's time is XLA compiling its programs. The session's persistent
 compilation cache is set in the environment before any test runs, so that every process
-the suite starts (launch.py, the multi-host script, pytest-xdist workers) loads what an
-earlier one compiled, and the tenth launch of the same program compiles nothing.
+the suite starts (launch.py, the multi-host script) loads what an earlier one compiled,
+and the tenth launch of the same program compiles nothing.
 """
 
 import os
 import shutil
 import tempfile
-import time
 
 import jax
 import pytest
@@ -17,18 +16,18 @@ import pytest
 from tiny import Reference, checkpoint_digests, read_results, tiny_config
 
 CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
-_OWNED_CACHE = "MARK_TESTS_OWN_CACHE"  # set by the process that made the cache: it removes it
+_made_cache = []  # the cache directory this session made (and removes), if it made one
 
 
 def pytest_configure(config):
-  """Gives this process and its children (xdist workers included) one compilation cache.
+  """Gives this process and its children one compilation cache.
 
   A cache the user set (JAX_COMPILATION_CACHE_DIR) is used as it is, and kept.
   """
   del config
   if not os.environ.get(CACHE_VARIABLE):
-    os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="mark_jax_tests_cache_")
-    os.environ[_OWNED_CACHE] = str(os.getpid())
+    _made_cache.append(tempfile.mkdtemp(prefix="mark_jax_tests_cache_"))
+    os.environ[CACHE_VARIABLE] = _made_cache[0]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -36,8 +35,8 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
   del config
-  if os.environ.get(_OWNED_CACHE) == str(os.getpid()):
-    shutil.rmtree(os.environ[CACHE_VARIABLE], ignore_errors=True)
+  for directory in _made_cache:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -58,10 +57,8 @@ def reference(tmp_path_factory) -> Reference:
   from mark_jax import train
 
   workdir = tmp_path_factory.mktemp("reference")
-  start = time.perf_counter()
   train.train_and_evaluate(tiny_config(), str(workdir))
-  seconds = time.perf_counter() - start
-  return Reference(workdir, read_results(workdir), seconds, checkpoint_digests(workdir))
+  return Reference(workdir, read_results(workdir), checkpoint_digests(workdir))
 
 
 @pytest.fixture

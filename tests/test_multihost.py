@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tiny import ROOT, tiny_flags
+from tiny import ROOT, tiny_flags, wait_for_checkpoint
 
 SCRIPT = ROOT / "scripts" / "multihost_local.sh"
 
@@ -81,10 +80,7 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_passes_over_a_damaged_c
   """
   workdir = tmp_path / "run"
   process = _launch(workdir, _env(killable_env))
-  deadline = time.monotonic() + 600
-  while not (workdir / "checkpoints" / "1").is_dir():
-    assert process.poll() is None and time.monotonic() < deadline, "no checkpoint of task 1"
-    time.sleep(0.05)
+  wait_for_checkpoint(process, [workdir], 1)
   pattern = f"launch.py .*--workdir {workdir} .*--process_id=1"
   victim = int(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout)
   os.kill(victim, signal.SIGKILL)

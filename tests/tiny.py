@@ -34,12 +34,12 @@ def tiny_config(**overrides):
   return config
 
 
-def tiny_flags(config=None) -> list[str]:
-  """The `--config.key=value` flags that turn configs/smoke.py into `config` (tiny_config())."""
+def tiny_flags() -> list[str]:
+  """The `--config.key=value` flags that turn configs/smoke.py into tiny_config()."""
   from configs import smoke
   from mark_jax.runtime import workdir as workdir_lib
 
-  wanted = workdir_lib.flatten_config((config or tiny_config()).to_dict())
+  wanted = workdir_lib.flatten_config(tiny_config().to_dict())
   given = workdir_lib.flatten_config(smoke.get_config().to_dict())
   assert set(wanted) == set(given), "the two configs have different keys"
   return [f"--config.{key}={value}" for key, value in sorted(wanted.items()) if value != given[key]]
@@ -50,8 +50,19 @@ def launch_command(workdir: Path, *flags: str) -> list[str]:
   return [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
 
 
+def wait_for_checkpoint(
+  process: subprocess.Popen, run_dirs: list[Path], task: int, timeout: float = 600
+) -> None:
+  """Waits until every run in `run_dirs` has saved `task`, while `process` still runs."""
+  deadline = time.monotonic() + timeout
+  while not all((d / "checkpoints" / str(task)).is_dir() for d in run_dirs):
+    assert process.poll() is None, f"exited with {process.returncode} before saving task {task}"
+    assert time.monotonic() < deadline, f"no checkpoint of task {task}"
+    time.sleep(0.05)
+
+
 def kill_after_first_checkpoint(
-  process: subprocess.Popen, run_dirs: list[Path], seed: int, timeout: float = 300
+  process: subprocess.Popen, run_dirs: list[Path], seed: int
 ) -> list[int]:
   """SIGKILLs `process` a seeded random moment (up to a second) after every run in
   `run_dirs` has saved task 0, while it still trains.
@@ -59,11 +70,7 @@ def kill_after_first_checkpoint(
   Returns:
     The tasks whose checkpoints existed in the first run dir at the kill.
   """
-  deadline = time.monotonic() + timeout
-  while not all((d / "checkpoints" / "0").is_dir() for d in run_dirs):
-    assert process.poll() is None, f"exited with {process.returncode} before saving task 0"
-    assert time.monotonic() < deadline, "no checkpoint of task 0"
-    time.sleep(0.05)
+  wait_for_checkpoint(process, run_dirs, 0)
   time.sleep(random.Random(seed).uniform(0.0, 1.0))
   saved = sorted(int(p.name) for p in (run_dirs[0] / "checkpoints").iterdir() if p.name.isdigit())
   assert process.poll() is None, "finished before the kill"
@@ -128,11 +135,10 @@ def read_results(workdir: Path) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """An uninterrupted run of tiny_config(): workdir, results.json, duration, digests."""
+  """An uninterrupted run of tiny_config(): workdir, results.json, checkpoint digests."""
 
   workdir: Path
   results: dict
-  seconds: float
   digests: dict[int, str]
 
   def assert_matches(self, workdir: Path) -> None:

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from mark_jax import shapes
+from mark_jax.runtime import compilation
+
+compilation.unroll_threefry_on_cpu()
 
 Masks = tuple[jax.Array, ...]
 _NHWC = ("NHWC", "HWIO", "NHWC")

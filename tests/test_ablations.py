@@ -16,13 +16,16 @@ def _phases_run(config, tasks: int, monkeypatch) -> list[tuple[int, str, str]]:
   benchmark = datasets.load_benchmark(config)
   programs = programs_lib.build_programs(config, benchmark)
   calls = []
-  original = mark.train_phase
 
   def spy(run, name, model, data_, rng, task, step=None):
+    """Records the call; the order of the steps does not depend on what they train."""
     calls.append((task, name, step or name))
-    return original(run, name, model, data_, rng, task, step)
+    return model
 
   monkeypatch.setattr(mark, "train_phase", spy)
+  monkeypatch.setattr(
+    mark, "train_feature_extractor", lambda run, model, *a: model["feature_extractor"]
+  )
   run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   for t in range(tasks):
     run_state = mark.train_task(mark.Run(config, programs), t, run_state, benchmark.tasks[t])

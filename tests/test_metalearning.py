@@ -90,9 +90,19 @@ def _loop_map(fn):
   return mapped
 
 
+def round_config(**overrides):
+  """tiny_config() with the round's shape shared by these tests (2 mini-tasks x 4 steps):
+  the rounds they compile with the same static settings are one program."""
+  return tiny_config(inner_steps=4, mini_tasks=2, **overrides)
+
+
+def as_arrays(settings: dict) -> dict:
+  return {k: jnp.float32(v) for k, v in settings.items()}
+
+
 @pytest.mark.parametrize("accuracy_batch", ["same", "next"])
 def test_vmapped_round_equals_python_loop(accuracy_batch):
-  config = tiny_config(meta_accuracy_batch=accuracy_batch, inner_steps=4, mini_tasks=2)
+  config = round_config(meta_accuracy_batch=accuracy_batch)
   config.conv_impl = "patches"
   nets = models.Networks(config, 32, 5)
   kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
@@ -100,7 +110,7 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
   train, _ = datasets.synthetic_splits(
     num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
   )
-  settings = metalearning.round_settings(config)
+  settings = as_arrays(metalearning.round_settings(config))
   images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
   args = (task, images, labels, jax.random.PRNGKey(2), settings)
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
@@ -118,7 +128,7 @@ def test_vmapped_round_equals_python_loop(accuracy_batch):
 
 
 def test_settings_given_as_arrays_equal_settings_compiled_in():
-  config = tiny_config(meta_step_size=0.05, meta_sign="authors")
+  config = round_config(meta_step_size=0.05, meta_sign="authors")
   nets = models.Networks(config, 32, 5)
   kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
   task = nets.init_task(jax.random.PRNGKey(1))
@@ -133,7 +143,7 @@ def test_settings_given_as_arrays_equal_settings_compiled_in():
   as_inputs = jax.jit(meta_round)
   args = (task, images, labels, jax.random.PRNGKey(2))
   kb_constants, _ = compiled_in(kb, *args)
-  arrays = {k: jnp.float32(v) for k, v in settings.items()}
+  arrays = as_arrays(settings)
   kb_arrays, _ = as_inputs(kb, *args, arrays)
   for got, want in zip(jax.tree.leaves(kb_arrays), jax.tree.leaves(kb_constants), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -161,7 +171,7 @@ def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   meta_round = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
   images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-  settings = metalearning.round_settings(config)
+  settings = as_arrays(metalearning.round_settings(config))
   _, metrics = meta_round(kb, task, images, labels, jax.random.PRNGKey(2), settings)
   assert float(metrics["first_inner_loss"]) > 20  # hot indeed
   finite = bool(metrics["params_finite"]) and int(metrics["first_nonfinite_step"]) < 0

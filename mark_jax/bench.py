@@ -39,18 +39,16 @@ PHASES = ("feature_extractor", "kb_pretrain", "masks", "kb_sgd")
 
 
 def synthetic_config(config):
-  """The config on synthetic data of its dataset's shape: 2 tasks, 500 train/100 test per class."""
+  """The config on synthetic data of its dataset's shape, 2 tasks: 500 train/100 test images
+  per class of a real dataset's size, or a synthetic config's own sizes."""
   config = config.copy_and_resolve_references()
-  known = facts.FACTS.get(config.dataset)
-  size = known.image_size if known else config.synthetic.image_size
-  config.dataset = "synthetic"
   config.max_tasks = 0
-  config.synthetic.update(
-    num_classes=2 * config.classes_per_task,
-    train_per_class=500,
-    test_per_class=100,
-    image_size=size,
-  )
+  config.synthetic.num_classes = 2 * config.classes_per_task
+  if config.dataset != "synthetic":
+    known = facts.FACTS.get(config.dataset)
+    size = known.image_size if known else config.synthetic.image_size
+    config.dataset = "synthetic"
+    config.synthetic.update(train_per_class=500, test_per_class=100, image_size=size)
   return config
 
 

@@ -17,13 +17,12 @@ def kb_forward_conv_flops(image_size: int, channels, kernel_sizes) -> int:
 
 
 def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
-  config = tiny_config(
-    kb_channels=(8, 16, 32), feature_channels=(4, 4), latent_dim=16, batch_size=128
-  )
-  config.synthetic.image_size = 16  # kernels 16 // 8, 16 // 10, 2 (models.Networks)
+  # tiny_config()'s own synthetic sizes: its epochs and round are the reference's programs.
+  config = tiny_config()
   results = bench.run(config, repeats=1, time_task=False)
   json.dumps(results)  # JSON-ready, as main() writes it
 
+  assert results["train_examples_per_task"] < 5 * config.synthetic.train_per_class
   assert set(results["phases"]) == set(bench.PHASES)
   for name, phase in results["phases"].items():
     assert phase["step_ms"] > 0 and phase["examples_per_s"] > 0, name
@@ -31,7 +30,7 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   # A KB step does the forward convolutions and, for every kernel, a weight gradient of the
   # same cost (and most input gradients): 2x to 5x the forward count with the dense layers.
   # A count that leaves convolutions out (as GPU backends' does) falls far short.
-  forward = 128 * kb_forward_conv_flops(16, (8, 16, 32), (2, 1, 2))
+  forward = config.batch_size * kb_forward_conv_flops(32, config.kb_channels, (4, 3, 2))
   kb_step = 1e9 * results["phases"]["kb_pretrain"]["model_gflop_per_step"]
   assert 2 * forward <= kb_step <= 5 * forward, (kb_step, forward)
   meta = results["meta_round"]

@@ -124,6 +124,10 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
   [
     (["launch.py", "--config", "configs/no_such.py"], "No such file or directory"),
     (["launch.py", "--config", "configs/smoke.py", "--config.no_such_key=1"], "no key"),
+    (
+      ["launch.py", "--config", "configs/smoke.py", "--config.epoch=3"],
+      "error: --config.epoch=3: the config has no key 'epoch'; did you mean 'epochs'?\n",
+    ),
     (["launch.py", "--config", "configs/ablations.py:no_such_name"], "known: no_metalearning"),
     (["launch.py", "--config", "configs/smoke.py", "--config.epochs=abc"], "--config.epochs=abc"),
     (["launch.py", "--config", "configs/smoke.py", "--seeds=a,b"], "not integers"),

@@ -1,5 +1,6 @@
 """Errors a user can act on, and `run_or_exit`: every command prints them as one line."""
 
+import re
 import sys
 
 from absl import app, flags
@@ -58,6 +59,24 @@ def _exit(message: str, status: int):
   sys.exit(status)
 
 
+def missing_key_message(error: AttributeError, argv: list[str]) -> str:
+  """One line for an override of a key the config lacks, with ml_collections' suggestion.
+
+  ml_collections raises AttributeError(KeyError("'key'\\nDid you mean \"keys\" instead of
+  \"key\"?")); the line names the flag as given: `--config.epoch=3: the config has no key
+  'epoch'; did you mean 'epochs'?`.
+  """
+  cause = error.args[0] if error.args else error
+  text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+  first, _, rest = str(text).partition("\n")
+  key = first.strip("\"'")
+  given = [arg for arg in argv if arg.split("=")[0].rsplit(".", 1)[-1] == key]
+  flag = given[0] if given and given[0].startswith("--config.") else key
+  suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+  hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+  return f"{flag}: the config has no key {key!r}{hint}"
+
+
 def run_or_exit(main, config_flag=None) -> None:
   """absl's `app.run(main)`, with every mistake a user can make as one line on stderr.
 
@@ -78,9 +97,7 @@ def run_or_exit(main, config_flag=None) -> None:
       if config_flag is not None:
         config_flag.value.keys()  # a config file that failed to load raises here
     except AttributeError as error:  # ml_collections: an override of a key the config lacks
-      key = str(error).strip("\"'")
-      given = [arg for arg in argv if arg.startswith("--config.") and key in arg] or [key]
-      _exit(f"error: {given[0]}: the config has no key {key!r}", 2)
+      _exit(f"error: {missing_key_message(error, argv)}", 2)
     except Exception as error:  # absl, ml_collections and the config file raise their own.
       _exit(f"error: {one_line(error)}", 2)
     return remaining

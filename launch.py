@@ -90,9 +90,39 @@ def run_many(config, workdir: str, seeds: list[int], sweeps: list[str]) -> None:
     print(report.build_report(finished, workdir))
 
 
+def check_process_flags(distributed: bool) -> None:
+  """Refuses a half-given or malformed process group (app.UsageError, one line).
+
+  --coordinator_address, --num_processes and --process_id come together; without them a
+  process would train alone (on a slice, each worker as process 0 in the shared workdir).
+  """
+  given = [
+    f"--{name}={flags.FLAGS[name].value}"
+    for name in ("coordinator_address", "num_processes", "process_id")
+    if flags.FLAGS[name].present
+  ]
+  address = _COORDINATOR.value
+  if not address:
+    if given and not distributed:
+      raise app.UsageError(
+        f"{' '.join(given)}: give --coordinator_address=HOST:PORT of process 0 as well "
+        "(or --config.distributed=True on a TPU slice)"
+      )
+    return
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
+  missing = [f"--{n}" for n in ("num_processes", "process_id") if not flags.FLAGS[n].present]
+  if missing:
+    raise app.UsageError(f"--coordinator_address={address}: give {' and '.join(missing)} too")
+  if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+    raise app.UsageError(f"--process_id={_PROCESS_ID.value}: must be below --num_processes")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  check_process_flags(_CONFIG.value.distributed)
   # Imported after flag parsing, so that --help and flag mistakes answer at once.
   import jax
 
@@ -103,8 +133,6 @@ def main(argv):
 
   devices.set_cpu_devices(_CONFIG.value.cpu_devices)
   if _COORDINATOR.value or _CONFIG.value.distributed:
-    if _PROCESS_ID.value >= _NUM_PROCESSES.value:
-      raise app.UsageError(f"--process_id={_PROCESS_ID.value}: must be below --num_processes")
     devices.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logs.label_process(jax.process_index(), jax.process_count())
   logging.info(

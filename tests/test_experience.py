@@ -131,6 +131,26 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
     (["launch.py", "--config", "configs/ablations.py:no_such_name"], "known: no_metalearning"),
     (["launch.py", "--config", "configs/smoke.py", "--config.epochs=abc"], "--config.epochs=abc"),
     (["launch.py", "--config", "configs/smoke.py", "--seeds=a,b"], "not integers"),
+    (
+      ["launch.py", "--config", "configs/smoke.py", "--num_processes=2", "--process_id=0"],
+      "error: --num_processes=2 --process_id=0: give --coordinator_address=HOST:PORT",
+    ),
+    (["launch.py", "--config", "configs/smoke.py", "--coordinator_address=h"], "HOST:PORT"),
+    (
+      ["launch.py", "--config", "configs/smoke.py", "--coordinator_address=127.0.0.1:1"],
+      "give --num_processes and --process_id too",
+    ),
+    (
+      [
+        "launch.py",
+        "--config",
+        "configs/smoke.py",
+        "--coordinator_address=127.0.0.1:1",
+        "--num_processes=2",
+        "--process_id=2",
+      ],
+      "--process_id=2: must be below --num_processes",
+    ),
     (["launch.py", "--config", "configs/smoke.py", "extra"], "unexpected arguments"),
     (
       ["launch.py", "--config", "configs/smoke.py", "--config.epochs=0", "--config.batch_size=-1"],

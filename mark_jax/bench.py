@@ -124,8 +124,9 @@ def run(config, repeats: int, time_task: bool) -> dict:
     else:
       params, frozen, model_state = mark.phase_inputs(phase, model)
     donated = jax.tree.map(jnp.copy, phases_lib.init_state(phase, params, model_state))
-    args = (donated, frozen, data["train_image"])
-    args = (*args, data["train_label"], rng)
+    # Placed as a run places them: the very programs a run compiles.
+    donated, frozen, epoch_rng = devices.replicate((donated, frozen, rng), programs.mesh)
+    args = (donated, frozen, data["train_image"], data["train_label"], epoch_rng)
     compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
     epoch_s = float(np.median(_time(compiled, args, repeats)))
@@ -144,7 +145,8 @@ def run(config, repeats: int, time_task: bool) -> dict:
 
   task_vars = {k: v for k, v in model.items() if k != "knowledge_base"}
   kb = jax.tree.map(jnp.copy, run_state["knowledge_base"])
-  args = (kb, task_vars, data["train_image"], data["train_label"], rng)
+  kb, task_vars, round_rng = devices.replicate((kb, task_vars, rng), programs.mesh)
+  args = (kb, task_vars, data["train_image"], data["train_label"], round_rng)
   compiled, compile_s = _compile(programs.meta_round, args)
   round_s = float(np.median(_time(compiled, args, repeats)))
   init_inner, inner_step = metalearning.make_inner_step(

@@ -102,20 +102,19 @@ def check_process_flags(distributed: bool) -> None:
     if flags.FLAGS[name].present
   ]
   address = _COORDINATOR.value
-  if not address:
-    if given and not distributed:
-      raise app.UsageError(
-        f"{' '.join(given)}: give --coordinator_address=HOST:PORT of process 0 as well "
-        "(or --config.distributed=True on a TPU slice)"
-      )
-    return
-  host, _, port = address.rpartition(":")
-  if not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
-  missing = [f"--{n}" for n in ("num_processes", "process_id") if not flags.FLAGS[n].present]
-  if missing:
-    raise app.UsageError(f"--coordinator_address={address}: give {' and '.join(missing)} too")
-  if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+  if address:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
+    missing = [f"--{n}" for n in ("num_processes", "process_id") if not flags.FLAGS[n].present]
+    if missing:
+      raise app.UsageError(f"--coordinator_address={address}: give {' and '.join(missing)} too")
+  elif given and not distributed:
+    raise app.UsageError(
+      f"{' '.join(given)}: give --coordinator_address=HOST:PORT of process 0 as well "
+      "(or --config.distributed=True on a TPU slice)"
+    )
+  if (address or distributed) and _PROCESS_ID.value >= _NUM_PROCESSES.value:
     raise app.UsageError(f"--process_id={_PROCESS_ID.value}: must be below --num_processes")
 
 

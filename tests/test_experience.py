@@ -151,6 +151,17 @@ def test_ablation_configs_differ_from_cifar100_only_where_named():
       ],
       "--process_id=2: must be below --num_processes",
     ),
+    (
+      [
+        "launch.py",
+        "--config",
+        "configs/smoke.py",
+        "--config.distributed=True",
+        "--num_processes=2",
+        "--process_id=2",
+      ],
+      "--process_id=2: must be below --num_processes",
+    ),
     (["launch.py", "--config", "configs/smoke.py", "extra"], "unexpected arguments"),
     (
       ["launch.py", "--config", "configs/smoke.py", "--config.epochs=0", "--config.batch_size=-1"],

@@ -15,9 +15,9 @@ from tiny import ROOT, tiny_flags, wait_for_checkpoint
 SCRIPT = ROOT / "scripts" / "multihost_local.sh"
 
 
-def _env(base: dict | None = None) -> dict:
+def _env() -> dict:
   """The script's environment: this interpreter first on PATH and a short stop grace."""
-  env = dict(os.environ if base is None else base)
+  env = dict(os.environ)
   env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
   env["MARK_STOP_GRACE"] = "10"
   return env

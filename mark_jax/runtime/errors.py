@@ -70,8 +70,12 @@ def missing_key_message(error: AttributeError, argv: list[str]) -> str:
   text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
   first, _, rest = str(text).partition("\n")
   key = first.strip("\"'")
-  given = [arg for arg in argv if arg.split("=")[0].rsplit(".", 1)[-1] == key]
-  flag = given[0] if given and given[0].startswith("--config.") else key
+  given = [
+    arg
+    for arg in argv
+    if arg.startswith("--config.") and arg.split("=")[0].rsplit(".", 1)[-1] == key
+  ]
+  flag = given[0] if given else key
   suggestion = re.search(r'Did you mean "([^"]+)"', rest)
   hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
   return f"{flag}: the config has no key {key!r}{hint}"

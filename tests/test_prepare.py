@@ -6,6 +6,8 @@ fake pickles in the two pickle layouts. Every prepared dataset goes to pytest's 
 """
 
 import collections
+import functools
+import http.server
 import json
 import os
 import pickle
@@ -15,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import types
 
 import numpy as np
@@ -159,6 +162,65 @@ def cifar_from_archive(cifar_copy, tmp_path_factory):
   return data_dir
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  """Serves a folder without logging each request to stderr."""
+
+  def log_message(self, *args):
+    del args
+
+
+@pytest.fixture
+def cifar_server(cifar_copy, monkeypatch):
+  """The fake archive served over HTTP on 127.0.0.1, with CIFAR100_URL and the md5 table
+  pointing at it (in this process only): what a Cloud TPU VM's first run downloads."""
+  handler = functools.partial(_QuietHandler, directory=str(cifar_copy.archive.parent))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{server.server_port}/{tfds_builders.CIFAR100_ARCHIVE}"
+  monkeypatch.setattr(tfds_builders, "CIFAR100_URL", url)
+  monkeypatch.setitem(
+    tfds_builders.CIFAR100_MD5,
+    tfds_builders.CIFAR100_ARCHIVE,
+    tfds_builders.md5(cifar_copy.archive),
+  )
+  for name in ("train", "test", "meta"):
+    monkeypatch.setitem(
+      tfds_builders.CIFAR100_MD5, name, tfds_builders.md5(cifar_copy.folder / name)
+    )
+  monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+  yield url
+  server.shutdown()
+  server.server_close()
+
+
+def test_cifar100_downloads_through_tfds_and_trains(cifar_copy, cifar_server, tmp_path):
+  """--config.download=True with no local copy: TFDS's download manager fetches the archive
+  from the (local) URL, the builder checks its md5 sums and prepares it, and a run trains."""
+  config = cifar100.get_config()
+  overrides = dict(
+    data_dir=str(tmp_path / "tfds"),
+    download=True,
+    max_tasks=2,
+    validation_fraction=0.1,
+    batch_size=4,
+    eval_batch_size=5,
+    epochs=1,
+    meta_rounds=1,
+    mini_tasks=2,
+    inner_steps=2,
+    kb_channels=(16, 32, 64),
+    cpu_devices=0,
+  )
+  for key, value in overrides.items():
+    config[key] = value
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["tasks_completed"] == 2
+  downloaded = list((tmp_path / "tfds" / "downloads").rglob("*cifar-100-python*"))
+  assert downloaded, "nothing went through the download manager"
+  _assert_cifar_matches(tmp_path / "tfds", cifar_copy.expected)
+
+
 def _assert_cifar_matches(data_dir, expected) -> None:
   for split, (images, labels) in expected.items():
     stored_images, stored_labels = _read_prepared("mark_cifar100", split, data_dir)
@@ -262,22 +324,47 @@ def _pillow_decode(path: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _write_class_folders(root, train_per_class: int = 10, val_per_class: int = 5) -> None:
+  """MiniImageNet's class-folder layout with random 84x84 JPEGs, as many per class as the
+  shared sample has (so that both variants train the same programs)."""
+  rng = np.random.RandomState(0)
+  for split, count in (("train", train_per_class), ("val", val_per_class)):
+    for index in range(NUM_CLASSES):
+      folder = root / split / f"n{index:08d}"
+      folder.mkdir(parents=True)
+      for image in _random_images(rng, count, MINIIMAGENET_SHAPE):
+        Image.fromarray(image).save(folder / f"n{index:08d}_{rng.randint(10**8):08d}.jpg")
+
+
+@pytest.fixture(scope="module", params=["shared_sample", "written_folders"])
+def sample_source(request, tmp_path_factory) -> str:
+  """A MiniImageNet in class folders: the real sample beside the repository (skipped where
+  it is absent), or JPEG folders this fixture writes, so a fresh clone tests the layout too."""
+  if request.param == "shared_sample":
+    if not os.path.isdir(SAMPLE):
+      pytest.skip(f"the MiniImageNet sample is not at {os.path.abspath(SAMPLE)}")
+    return SAMPLE
+  root = tmp_path_factory.mktemp("class_folders")
+  _write_class_folders(root)
+  return str(root)
+
+
 @pytest.fixture(scope="module")
-def sample_data_dir(tmp_path_factory):
-  """The TFDS data_dir that `prepare miniimagenet --source SAMPLE` filled."""
-  if not os.path.isdir(SAMPLE):
-    pytest.skip(f"the MiniImageNet sample is not at {os.path.abspath(SAMPLE)}")
+def sample_data_dir(sample_source, tmp_path_factory):
+  """The TFDS data_dir that `prepare miniimagenet --source SOURCE` filled."""
   data_dir = tmp_path_factory.mktemp("miniimagenet_data_dir")
-  result = _run_prepare("miniimagenet", "--source", SAMPLE, "--data_dir", str(data_dir))
+  result = _run_prepare("miniimagenet", "--source", sample_source, "--data_dir", str(data_dir))
   assert result.returncode == 0, result.stderr
   assert f"--config.data_dir={data_dir}" in result.stdout
   return data_dir
 
 
 @pytest.mark.parametrize("split, folder", [("train", "train"), ("test", "val")])
-def test_miniimagenet_sample_is_prepared_file_for_file(sample_data_dir, split, folder):
+def test_miniimagenet_sample_is_prepared_file_for_file(
+  sample_source, sample_data_dir, split, folder
+):
   """Every stored example is one file of the sample, labelled by its class folder."""
-  files = _sample_files(os.path.join(SAMPLE, folder))
+  files = _sample_files(os.path.join(sample_source, folder))
   per_class = np.bincount([label for label, _ in files.values()], minlength=NUM_CLASSES)
   assert len(per_class) == NUM_CLASSES and per_class.min() > 0
   encoded, labels = _read_prepared("mark_miniimagenet", split, sample_data_dir)
@@ -289,7 +376,7 @@ def test_miniimagenet_sample_is_prepared_file_for_file(sample_data_dir, split, f
   assert np.all(images.max(axis=(1, 2, 3)) > images.min(axis=(1, 2, 3)))
 
 
-def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_data_dir):
+def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_source, sample_data_dir):
   """Through load_benchmark, each task's test split is its classes' val JPEGs, decoded."""
   config = miniimagenet.get_config()
   config.data_dir = str(sample_data_dir)
@@ -297,7 +384,7 @@ def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_data_dir):
   benchmark = datasets.load_benchmark(config)
   assert benchmark.image_size == tfds_builders.MINIIMAGENET_SIZE
   val_files = collections.defaultdict(list)
-  for label, path in _sample_files(os.path.join(SAMPLE, "val")).values():
+  for label, path in _sample_files(os.path.join(sample_source, "val")).values():
     val_files[label].append(path)
   for task in benchmark.tasks:
     expected = collections.Counter(
@@ -309,9 +396,11 @@ def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_data_dir):
 
 
 def test_tiny_training_on_the_prepared_sample(sample_data_dir, tmp_path):
-  """20 tasks of configs/miniimagenet.py, resized to 32x32, at a minimal budget."""
+  """The first 3 tasks of configs/miniimagenet.py, resized to 32x32, at a minimal budget
+  (load_benchmark's tests above read every task)."""
   overrides = dict(
     data_dir=str(sample_data_dir),
+    max_tasks=3,
     image_size=32,
     validation_fraction=0.02,
     batch_size=16,
@@ -326,7 +415,7 @@ def test_tiny_training_on_the_prepared_sample(sample_data_dir, tmp_path):
   for key, value in overrides.items():
     config[key] = value
   results = train.train_and_evaluate(config, str(tmp_path))
-  num_tasks = NUM_CLASSES // config.classes_per_task
+  num_tasks = config.max_tasks
   assert results["tasks_completed"] == num_tasks
   matrix = results["accuracy_matrix"]
   assert len(matrix) == num_tasks and all(len(row) == num_tasks for row in matrix)
@@ -477,6 +566,47 @@ def _write_crafted_pickle(path, marker) -> None:
   _dump(path, content, protocol=2)
 
 
+class _ZeroStrideArray:
+  """Unpickles as `numpy.ndarray(shape, 'u1', one byte, 0, zero strides)`: a 21 TB array
+  over one byte, which passes shape checks and fills memory at its first copy."""
+
+  def __reduce__(self):
+    return np.ndarray, ((10**9, 84, 84, 3), "u1", b"\0", 0, (0, 0, 0, 0))
+
+
+class _OversizedReconstruct:
+  """Unpickles through numpy's own `_reconstruct`, asking for 21 GB."""
+
+  def __reduce__(self):
+    return np.ndarray.__reduce__(np.zeros(0, np.uint8))[0], (np.ndarray, (10**6, 84, 84, 3), b"B")
+
+
+@pytest.mark.parametrize(
+  "array, message",
+  [
+    (_ZeroStrideArray(), "refused to unpickle: it asks for a call of numpy.ndarray itself"),
+    (_OversizedReconstruct(), "cannot come from a file of"),
+  ],
+  ids=["zero_stride_bomb", "oversized_reconstruct"],
+)
+def test_memory_bomb_pickle_is_refused_before_it_allocates(tmp_path, array, message):
+  path = tmp_path / "train.pkl"
+  _dump(path, {"data": array, "fine_labels": [0]}, protocol=2)
+  assert path.stat().st_size < 300
+  with open(path, "rb") as f, pytest.raises(DataError) as error:
+    safe_pickle.load(f, str(path))
+  assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_memory_error_while_unpickling_is_one_data_error(monkeypatch):
+  def exhausted(self):
+    raise MemoryError()
+
+  monkeypatch.setattr(safe_pickle._RestrictedUnpickler, "load", exhausted)
+  with pytest.raises(DataError, match=re.escape("big.pkl: not a readable pickle (MemoryError")):
+    safe_pickle.loads(pickle.dumps([1]), "big.pkl")
+
+
 def test_crafted_pickle_is_refused_without_running_it(tmp_path):
   path, marker = tmp_path / "crafted.pkl", tmp_path / "pwned"
   _write_crafted_pickle(path, marker)
@@ -488,14 +618,19 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path):
   assert marker.exists()
 
 
-def test_crafted_train_pickle_is_refused_by_the_cli(tmp_path):
+@pytest.mark.parametrize("crafted", ["command", "memory_bomb"])
+def test_crafted_train_pickle_is_refused_by_the_cli(tmp_path, crafted):
   source, marker = tmp_path / "source", tmp_path / "pwned"
   source.mkdir()
   for name in ("train.pkl", "test.pkl"):
-    _write_crafted_pickle(source / name, marker)
+    if crafted == "command":
+      _write_crafted_pickle(source / name, marker)
+    else:
+      _dump(source / name, {"image_data": _ZeroStrideArray(), "class_dict": {}}, protocol=2)
   data_dir = tmp_path / "data_dir"
   result = _run_prepare("miniimagenet", "--source", str(source), "--data_dir", str(data_dir))
-  _assert_one_line_error(result, str(source / "train.pkl"), REFUSED_GLOBAL)
+  refused = REFUSED_GLOBAL if crafted == "command" else "a call of numpy.ndarray itself"
+  _assert_one_line_error(result, str(source / "train.pkl"), refused)
   assert not marker.exists()
   _assert_nothing_prepared(data_dir)
 

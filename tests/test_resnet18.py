@@ -1,0 +1,225 @@
+"""ResNet-18: equal to torchvision's in eval mode, its checkpoints refused when bad, its input.
+
+torch and torchvision (the test extra) write the checkpoints and give the reference
+features; mark_jax itself reads the checkpoints without them.
+"""
+
+import collections
+import os
+import pickle
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from mark_jax import resnet18
+from mark_jax.data import facts
+from mark_jax.runtime.errors import DataError
+
+_features = jax.jit(resnet18.ResNet18().apply)
+_IMAGES = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+  """A seeded random torchvision resnet18 in eval mode, with non-trivial batch norms."""
+  import torch
+  import torchvision
+
+  torch.manual_seed(0)
+  model = torchvision.models.resnet18(weights=None).eval()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.3, 0.3)
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 2.0)
+  return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(torch_model, tmp_path_factory):
+  """`torch.save(model.state_dict(), path)` of `torch_model`."""
+  import torch
+
+  path = tmp_path_factory.mktemp("weights") / "r18.pth"
+  torch.save(torch_model.state_dict(), path)
+  return path
+
+
+def test_features_equal_torchvision(torch_model, checkpoint):
+  import torch
+
+  ours = np.asarray(_features(resnet18.load_state_dict(checkpoint), _IMAGES))
+  trunk = torch.nn.Sequential(*list(torch_model.children())[:-1])
+  with torch.no_grad():
+    theirs = trunk(torch.from_numpy(_IMAGES).permute(0, 3, 1, 2)).flatten(1).numpy()
+  assert ours.shape == (2, resnet18.FEATURES)
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_variables_are_flax_layout(checkpoint, torch_model):
+  variables = resnet18.load_state_dict(checkpoint)
+  state = torch_model.state_dict()
+  kernel = variables["params"]["layer2_0"]["downsample_0"]["kernel"]
+  np.testing.assert_array_equal(
+    kernel, state["layer2.0.downsample.0.weight"].numpy().transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    variables["batch_stats"]["layer4_1"]["bn2"]["var"], state["layer4.1.bn2.running_var"].numpy()
+  )
+
+
+class _StorageRef:
+  """Pickled as torch pickles a storage: a persistent id naming a record of the archive."""
+
+  def __init__(self, key: str, numel: int):
+    self.key, self.numel = key, numel
+
+
+class _Tensor:
+  """Pickled as torch pickles a float32 tensor, with any layout over `storage`."""
+
+  def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple):
+    self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+  def __reduce__(self):
+    import torch
+
+    return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _Command:
+  """A pickle that would run a shell command when loaded with `pickle.load`."""
+
+  def __init__(self, command: str):
+    self.command = command
+
+  def __reduce__(self):
+    return os.system, (self.command,)
+
+
+def _write_archive(path, content, storages: dict[str, np.ndarray]) -> None:
+  """Writes `content` as torch.save would, storages as `r18/data/<key>` records."""
+  import torch
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, _StorageRef):
+        return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+      return None
+
+  with zipfile.ZipFile(path, "w") as archive:
+    with archive.open("r18/data.pkl", "w") as file:
+      Pickler(file, protocol=2).dump(content)
+    for key, array in storages.items():
+      archive.writestr(f"r18/data/{key}", np.asarray(array, "<f4").tobytes())
+
+
+def _state_dict_with(checkpoint, change):
+  """The checkpoint's state_dict as torch tensors, changed in place by `change`."""
+  import torch
+
+  state = torch.load(checkpoint)
+  change(state)
+  return state
+
+
+def _bad_file(kind: str, checkpoint, tmp_path):
+  """Writes one kind of bad checkpoint; returns its path and a phrase its error must hold."""
+  import torch
+
+  path = tmp_path / f"{kind}.pth"
+  if kind == "missing":
+    return path, "no such file"
+  if kind == "truncated":
+    data = checkpoint.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, "not a zip archive"
+  if kind == "list":
+    torch.save([torch.zeros(3)], path)
+    return path, "holds a list"
+  if kind == "wrong_shape":
+    state = _state_dict_with(
+      checkpoint, lambda s: s.update({"conv1.weight": torch.zeros(64, 3, 5, 5)})
+    )
+    torch.save(state, path)
+    return path, "'conv1.weight' has shape (64, 3, 5, 5), where a ResNet-18 has (64, 3, 7, 7)"
+  if kind == "missing_key":
+    torch.save(_state_dict_with(checkpoint, lambda s: s.pop("layer4.1.bn2.running_var")), path)
+    return path, "lacks the key(s) 'layer4.1.bn2.running_var'"
+  if kind == "deeper_network":
+    extra = {"layer1.2.conv1.weight": torch.zeros(64, 64, 3, 3)}
+    torch.save(_state_dict_with(checkpoint, lambda s: s.update(extra)), path)
+    return path, "'layer1.2.conv1.weight'"
+  if kind == "overrun":
+    storage = _StorageRef("0", 10)
+    content = collections.OrderedDict(w=_Tensor(storage, 2, (4, 3), (3, 1)))
+    _write_archive(path, content, {"0": np.zeros(10)})
+    return path, "overruns its storage"
+  if kind == "stride_zero":
+    content = collections.OrderedDict(w=_Tensor(_StorageRef("0", 10), 0, (10**9,), (0,)))
+    _write_archive(path, content, {"0": np.zeros(10)})
+    return path, "more bytes than the file"
+  if kind == "forbidden_global":
+    _write_archive(path, _Command(f"touch {tmp_path / 'ran'}"), {})
+    return path, f"refused to unpickle the global {os.system.__module__}.system"
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "missing",
+    "truncated",
+    "list",
+    "wrong_shape",
+    "missing_key",
+    "deeper_network",
+    "overrun",
+    "stride_zero",
+    "forbidden_global",
+  ],
+)
+def test_bad_file_is_one_data_error(kind, checkpoint, tmp_path):
+  path, phrase = _bad_file(kind, checkpoint, tmp_path)
+  with pytest.raises(DataError) as raised:
+    resnet18.load_state_dict(path)
+  message = str(raised.value)
+  assert "\n" not in message
+  assert str(path) in message and phrase in message
+  assert resnet18.WEIGHTS_URL in message
+  assert not (tmp_path / "ran").exists()
+
+
+def test_random_variables_give_finite_features():
+  variables = resnet18.random_variables(jax.random.key(0), input_size=64)
+  kernel = variables["params"]["layer3_0"]["conv1"]["kernel"]
+  assert kernel.shape == (3, 3, 128, 256)
+  assert abs(float(kernel.std()) - (2.0 / (3 * 3 * 256)) ** 0.5) < 2e-3
+  assert float(variables["batch_stats"]["bn1"]["var"].min()) == 1.0
+  features = np.asarray(_features(variables, _IMAGES))
+  assert features.shape == (2, resnet18.FEATURES)
+  assert np.isfinite(features).all()
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (40, 56)])
+def test_preprocess_shape_and_normalisation(height, width):
+  mean_levels = np.round(255 * np.asarray(facts.IMAGENET_MEAN)).astype(np.uint8)
+  images = np.broadcast_to(mean_levels, (2, height, width, 3))
+  out = resnet18.preprocess(images, input_size=48)
+  assert out.shape == (2, 48, 48, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, 0.0, atol=0.01)
+  black = resnet18.preprocess(np.zeros((1, height, width, 3), np.uint8), input_size=48)
+  expected = -np.asarray(facts.IMAGENET_MEAN) / np.asarray(facts.IMAGENET_STD)
+  np.testing.assert_allclose(black, np.broadcast_to(expected, black.shape), rtol=1e-6)
+
+
+def test_preprocess_keeps_the_centre():
+  images = np.zeros((1, 64, 96, 3), np.uint8)
+  images[:, :, 48:] = 255  # left half black, right half white
+  out = np.asarray(resnet18.preprocess(images, input_size=56))
+  # Shorter side 64 -> 64, longer 96 -> 96; the 56-wide centre crop starts at column 20.
+  assert (out[0, :, :27, 0] < 0).all() and (out[0, :, 29:, 0] > 0).all()

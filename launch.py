@@ -142,14 +142,24 @@ def main(argv):
     jax.process_count(),
     jax.device_count(),
   )
-  if _SEEDS.value or _SWEEP.value:
-    try:
-      seeds = [int(seed) for seed in _SEEDS.value or [_CONFIG.value.seed]]
-    except ValueError:
-      raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
-    run_many(_CONFIG.value, _WORKDIR.value, seeds, _SWEEP.value)
-  else:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+  try:
+    if _SEEDS.value or _SWEEP.value:
+      try:
+        seeds = [int(seed) for seed in _SEEDS.value or [_CONFIG.value.seed]]
+      except ValueError:
+        raise errors.ConfigError(f"--seeds={','.join(_SEEDS.value)}: not integers") from None
+      run_many(_CONFIG.value, _WORKDIR.value, seeds, _SWEEP.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: another process of the group stopped or lost its connection.
+    raise errors.TrainingError(
+      f"a collective operation failed ({errors.one_line(error)}): another process of the "
+      "run has stopped; relaunch every process with the same command to resume after the "
+      "last saved task"
+    ) from None
 
 
 if __name__ == "__main__":

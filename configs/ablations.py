@@ -9,6 +9,7 @@ Ablations, as the authors' code expresses them (README, "Configs"):
   no_masks                  all-ones masks (use_mask: False)
   kb_only                   no F^t and no M^t: the KB and a head per task
   shared_feature_extractor  F^0 serves every task (use_one_representation)
+  random_feature_extractor  F^0 at its random initialisation serves every task (random_f)
 Any other key can still be overridden: --config.seed=49, --config.mask_bias_init=1.0, ...
 """
 
@@ -20,6 +21,7 @@ ABLATIONS = {
   "no_masks": {"use_masks": False},
   "kb_only": {"use_feature_extractor": False, "use_masks": False},
   "shared_feature_extractor": {"shared_feature_extractor": True},
+  "random_feature_extractor": {"shared_feature_extractor": True, "random_feature_extractor": True},
 }
 
 

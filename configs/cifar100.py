@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.classes_per_task = 5
   config.validation_fraction = 0.15  # authors' pc_valid
   config.max_tasks = 0  # run only the first N tasks (0: all)
+  config.passes = 1  # train the whole task sequence this many times (the authors' num_iter)
   config.synthetic = ml_collections.ConfigDict(
     dict(num_classes=100, train_per_class=500, test_per_class=100, image_size=32, seed=0)
   )
@@ -77,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.use_masks = True  # False: all-ones masks
   config.use_feature_extractor = True  # False: KB only (needs use_masks=False)
   config.shared_feature_extractor = False  # True: F^0 serves every task
+  # True (with shared_feature_extractor): F^0 is never trained, its random initialisation
+  # serves every task, and steps 3 and 5 keep the full learning rate (the authors' random_f).
+  config.random_feature_extractor = False
   # As the authors' code: steps 3 and 5 of a task without an F^t of its own (shared F^0
   # after task 0, KB only) learn at this fraction of learning_rate; KB only skips step 3.
   config.no_own_features_lr_factor = 0.1

@@ -11,8 +11,11 @@ FLOPs (XLA's count of one step with native convolutions, compiled for the host C
 work the math needs, the same on every device).
 """
 
+import collections
+import contextlib
 import functools
 import json
+import tempfile
 import time
 
 import jax
@@ -21,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mark_jax import mark, metalearning, state
+from mark_jax import mark, metalearning, state, train
 from mark_jax import phases as phases_lib
 from mark_jax import programs as programs_lib
 from mark_jax.data import datasets, facts
@@ -175,7 +178,9 @@ def run(config, repeats: int, time_task: bool) -> dict:
   pretrain_gflop = config.epochs * epoch_gflop["kb_pretrain"] if config.pretrain_kb else 0.0
   results["model_gflop_kb_pretrain"] = pretrain_gflop  # task 0 only
   if time_task:
-    results["seconds_per_task"] = _time_one_task(mark.Run(config, programs), benchmark)
+    task = _time_one_task(config)
+    results["seconds_per_task"] = task["seconds"]
+    results["task_parts_s"], results["task_unnamed_s"] = task["parts"], task["unnamed_s"]
   results["peak_memory_bytes"], results["peak_memory_kind"] = devices.peak_memory()
   results["config"] = config.to_dict()
   return results
@@ -201,22 +206,40 @@ def per_task(config, per_epoch: dict, per_round: float) -> float:
   return config.epochs * (per_epoch["feature_extractor"] + 2 * per_epoch["masks"]) + kb_update
 
 
-def _time_one_task(run: mark.Run, benchmark) -> float:
-  """Wall time of task 1 (all five steps + evaluation), after task 0 compiled everything."""
-  config, programs = run.config, run.programs
-  run_state = state.initial(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
-  test = programs_lib.device_test_data(config, programs.mesh, benchmark.tasks)
+class PartTimer:
+  """mark.Run's timer: records when each part of a task ran, as (part, start, end)."""
 
-  def train_and_test(t, run_state):
-    run_state = mark.train_task(run, t, run_state, benchmark.tasks[t])
-    kb, tasks = run_state["knowledge_base"], run_state["tasks"]
-    jax.block_until_ready(programs.evaluate_all(kb, tasks, test))
-    return run_state
+  def __init__(self):
+    self.intervals = []
 
-  run_state = train_and_test(0, run_state)
-  start = time.perf_counter()
-  train_and_test(1, run_state)
-  return time.perf_counter() - start
+  @contextlib.contextmanager
+  def __call__(self, part: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.intervals.append((part, start, time.perf_counter()))
+
+  def last_task(self) -> tuple[float, dict[str, float]]:
+    """(seconds of the last task, seconds of each of its parts by name)."""
+    _, start, end = [i for i in self.intervals if i[0] == "task"][-1]
+    parts = collections.defaultdict(float)
+    for part, begin, finish in self.intervals:
+      if part != "task" and start <= begin and finish <= end:
+        parts[part] += finish - begin
+    return end - start, dict(parts)
+
+
+def _time_one_task(config) -> dict:
+  """Task 1 of a run as launch.py trains it (five steps, evaluation, checkpoint, results),
+  after task 0 compiled everything: its seconds, those of each part, and the rest."""
+  config = config.copy_and_resolve_references()
+  config.max_tasks = 2
+  timer = PartTimer()
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir, timer=timer)
+  seconds, parts = timer.last_task()
+  return {"seconds": seconds, "parts": parts, "unnamed_s": seconds - sum(parts.values())}
 
 
 def format_table(results: dict) -> str:
@@ -240,6 +263,9 @@ def format_table(results: dict) -> str:
   )
   if "seconds_per_task" in results:
     lines.append(f"seconds per task (task 1, measured): {results['seconds_per_task']:.1f}")
+    for part, seconds in sorted(results["task_parts_s"].items(), key=lambda item: -item[1]):
+      lines.append(f"  {part:<34}{seconds:>8.2f} s")
+    lines.append(f"  {'named by no part':<34}{results['task_unnamed_s']:>8.2f} s")
   lines.append(
     f"seconds per task (task > 0, from the parts above): "
     f"{results['estimated_seconds_per_task']:.1f}"

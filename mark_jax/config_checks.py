@@ -82,6 +82,7 @@ FIELD_RULES = (
   FieldRule("classes_per_task", positive_int),
   FieldRule("validation_fraction", unit_interval),
   FieldRule("max_tasks", non_negative_int, default=0),
+  FieldRule("passes", positive_int, default=1),
   FieldRule("image_size", zero_or_network_size, default=0),
   FieldRule("synthetic.num_classes", positive_int, applies=_is_synthetic),
   FieldRule("synthetic.train_per_class", positive_int, applies=_is_synthetic),
@@ -124,6 +125,7 @@ FIELD_RULES = (
   FieldRule("use_masks", boolean),
   FieldRule("use_feature_extractor", boolean),
   FieldRule("shared_feature_extractor", boolean),
+  FieldRule("random_feature_extractor", boolean, default=False),
   FieldRule("no_own_features_lr_factor", positive_float, default=1.0),
   FieldRule("kb_only_skips_masks_step", boolean, default=False),
   FieldRule("distributed", boolean),
@@ -157,6 +159,12 @@ def shared_needs_feature_extractor(values, facts) -> str | None:
   return None
 
 
+def random_needs_shared(values, facts) -> str | None:
+  if values["random_feature_extractor"] and not values["shared_feature_extractor"]:
+    return "requires --config.shared_feature_extractor=True (one random F^0 serves every task)"
+  return None
+
+
 def restore_dir_needs_task(values, facts) -> str | None:
   if bool(values["restore_dir"]) and values["restore_task"] is None:
     return "requires --config.restore_task (the task to restore from that directory)"
@@ -182,9 +190,10 @@ def max_tasks_within_dataset(values, facts) -> str | None:
 
 def restore_task_within_run(values, facts) -> str | None:
   tasks = values["max_tasks"] or facts.num_classes // values["classes_per_task"]
+  tasks *= values["passes"]
   if values["restore_task"] is None or values["restore_task"] < tasks:
     return None
-  return f"must be below {tasks}, the number of tasks this run trains"
+  return f"must be below {tasks}, the number of tasks this run trains (over all its passes)"
 
 
 def batch_fits_task(values, facts) -> str | None:
@@ -231,11 +240,15 @@ CONSISTENCY_RULES = (
   ConsistencyRule(
     "shared_feature_extractor", ("use_feature_extractor",), shared_needs_feature_extractor
   ),
+  ConsistencyRule("random_feature_extractor", ("shared_feature_extractor",), random_needs_shared),
   ConsistencyRule("restore_dir", ("restore_task",), restore_dir_needs_task),
   ConsistencyRule("classes_per_task", (), classes_divide, needs_dataset=True),
   ConsistencyRule("max_tasks", ("classes_per_task",), max_tasks_within_dataset, needs_dataset=True),
   ConsistencyRule(
-    "restore_task", ("classes_per_task", "max_tasks"), restore_task_within_run, needs_dataset=True
+    "restore_task",
+    ("classes_per_task", "max_tasks", "passes"),
+    restore_task_within_run,
+    needs_dataset=True,
   ),
   ConsistencyRule(
     "batch_size", ("classes_per_task", "validation_fraction"), batch_fits_task, needs_dataset=True

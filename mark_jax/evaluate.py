@@ -21,6 +21,7 @@ from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
 from mark_jax.models import Networks
 from mark_jax.runtime import checkpointing, logs
+from mark_jax.runtime import workdir as workdir_lib
 from mark_jax.runtime.errors import CheckpointError, run_or_exit
 
 _TASK = flags.DEFINE_integer(
@@ -32,11 +33,14 @@ _DATA_DIR = flags.DEFINE_string(
 
 
 def load_config(workdir: epath.Path) -> ml_collections.ConfigDict:
-  """The run's config from WORKDIR/config.json."""
-  path = workdir / "config.json"
-  if not path.exists():
-    raise CheckpointError(f"{path} does not exist: is {workdir} the workdir of a run?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  """The run's config from WORKDIR/config.json, each key it lacks (added to the code after
+  the run started) at the value that run used, as when it resumes."""
+  saved = workdir_lib.read_saved_config(workdir)
+  if saved is None:
+    raise CheckpointError(
+      f"{workdir / workdir_lib.CONFIG_FILE} does not exist: is {workdir} the workdir of a run?"
+    )
+  return ml_collections.ConfigDict(workdir_lib.saved_as_run(saved))
 
 
 def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None) -> dict:
@@ -44,7 +48,7 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
 
   Args:
     workdir: the run's directory.
-    task: the checkpoint's task index (None: the newest).
+    task: the checkpoint's task index, counted over all passes (None: the newest).
     data_dir: overrides the config's TFDS data_dir.
 
   Returns:
@@ -69,11 +73,12 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   accuracy = phases.make_accuracy_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
   evaluate_all = programs_lib.make_evaluate_all(accuracy, config.use_masks)
   accuracy = np.asarray(evaluate_all(run_state["knowledge_base"], run_state["tasks"], test))
+  seen = task % len(benchmark.tasks) + 1  # checkpoints count tasks over all passes
   return {
     "workdir": str(workdir),
     "task": task,
-    "test_accuracy": [float(a) for a in accuracy[: task + 1]],
-    "recorded_accuracy": [float(a) for a in matrix[task, : task + 1]],
+    "test_accuracy": [float(a) for a in accuracy[:seen]],
+    "recorded_accuracy": [float(a) for a in matrix[task, :seen]],
   }
 
 

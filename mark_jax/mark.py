@@ -10,7 +10,9 @@ per-run operation goes through `programs.per_run`, and a run whose loss is not f
 stops alone.
 """
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -19,8 +21,14 @@ from absl import logging
 from mark_jax import phases as phases_lib
 from mark_jax import state
 from mark_jax.programs import Programs, device_data
-from mark_jax.runtime import logs, signals
+from mark_jax.runtime import devices, logs, signals
 from mark_jax.runtime.errors import TrainingError
+
+
+def no_timer(part: str) -> contextlib.AbstractContextManager:
+  """Run.timer's default: times nothing."""
+  del part
+  return contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +43,9 @@ class Run:
     interactive: progress bars (True), log lines (False), or by terminal (None).
     diverged: runs on a run axis whose loss or parameters stopped being finite: index ->
       what happened (filled by run_loop; such runs go on being computed, unused).
+    timer: `timer(part)` is a context manager around each part of a task (its epochs,
+      validations, statistics, rounds, the data's transfer), for mark_jax.bench; by default
+      it does nothing.
   """
 
   config: object
@@ -43,6 +54,7 @@ class Run:
   stop: signals.StopOnSignal = dataclasses.field(default_factory=signals.StopOnSignal)
   interactive: bool | None = None
   diverged: dict = dataclasses.field(default_factory=dict)
+  timer: Callable[[str], contextlib.AbstractContextManager] = no_timer
 
 
 def resume_hint(t: int) -> str:
@@ -135,17 +147,20 @@ def run_phase(run: Run, name, params, frozen, data, rng, *, task, step, model_st
     return epoch_fn(phase_state, frozen, data["train_image"], data["train_label"], fold_in(rng, i))
 
   init_state = programs.per_run(lambda p, m: phases_lib.init_state(programs.phases[name], p, m))
-  phase_state = init_state(params, model_state)
-  phase_state = run_loop(
-    run,
-    epoch,
-    phase_state,
-    task=task,
-    step=step,
-    count=run.config.epochs,
-    unit="epoch",
-    scalars=("loss", "accuracy"),
-  )
+  # Placed as the epoch returns it: with runs on a leading axis, the state built outside jit
+  # has no sharding yet, and the epoch would compile once more for its own output.
+  phase_state = devices.replicate(init_state(params, model_state), programs.mesh)
+  with run.timer(f"{step} epochs"):
+    phase_state = run_loop(
+      run,
+      epoch,
+      phase_state,
+      task=task,
+      step=step,
+      count=run.config.epochs,
+      unit="epoch",
+      scalars=("loss", "accuracy"),
+    )
   return phase_state["params"], phase_state["model_state"]
 
 
@@ -185,12 +200,21 @@ def train_feature_extractor(run: Run, model, data, rng, task) -> dict:
     step="feature_extractor",
     model_state=batch_stats,
   )
+  variables = {"params": params["feature_extractor"], "batch_stats": batch_stats}
   if run.config.feature_bn_statistics == "recomputed":
-    variables = {"params": params["feature_extractor"], "batch_stats": batch_stats}
     fold_in = run.programs.per_run(jax.random.fold_in, (0, None))
     after_last_epoch = fold_in(phase_key, run.config.epochs)
-    batch_stats = run.programs.feature_statistics(variables, data["train_image"], after_last_epoch)
-  return {"params": params["feature_extractor"], "batch_stats": batch_stats}
+    variables = recompute_statistics(run, variables, data, after_last_epoch)
+  return variables
+
+
+def recompute_statistics(run: Run, variables, data, rng) -> dict:
+  """F's variables with its batch-norm statistics recomputed over the task's training images."""
+  with run.timer("feature statistics"):
+    statistics = jax.block_until_ready(
+      run.programs.feature_statistics(variables, data["train_image"], rng)
+    )
+  return {"params": variables["params"], "batch_stats": statistics}
 
 
 def train_phase(run: Run, name, model, data, rng, task, step=None) -> dict:
@@ -204,11 +228,12 @@ def train_phase(run: Run, name, model, data, rng, task, step=None) -> dict:
   if phase.updates_feature_statistics:
     model["feature_extractor"] = {**model["feature_extractor"], "batch_stats": batch_stats}
   images, labels, weights = data["validation"]
-  accuracy = programs.accuracy(model, images, labels, weights, phase.use_masks)
-  scalars = {"validation_accuracy": accuracy}
-  if phase.use_masks:
-    scalars.update(programs.mask_statistics(model, images, weights))
-  scalars = {name: jax.device_get(value) for name, value in scalars.items()}
+  with run.timer(f"{step} validation"):
+    accuracy = programs.accuracy(model, images, labels, weights, phase.use_masks)
+    scalars = {"validation_accuracy": accuracy}
+    if phase.use_masks:
+      scalars.update(programs.mask_statistics(model, images, weights))
+    scalars = {name: jax.device_get(value) for name, value in scalars.items()}
   logging.info("task %d %s: %s", task, step, describe(scalars))
   run.writer.write(f"task_{task:02d}/{step}", run.config.epochs, scalars, task=task, phase=step)
   return model
@@ -230,16 +255,17 @@ def metalearn(run: Run, t, model, data, rng, settings=None):
     images, labels = data["train_image"], data["train_label"]
     return run.programs.meta_round(kb, task, images, labels, fold_in(rng, r), *extra)
 
-  return run_loop(
-    run,
-    meta_round,
-    model["knowledge_base"],
-    task=t,
-    step="metalearning",
-    count=run.config.meta_rounds,
-    unit="round",
-    scalars=("first_inner_loss", "inner_loss", "mini_task_accuracy"),
-  )
+  with run.timer("metalearning rounds"):
+    return run_loop(
+      run,
+      meta_round,
+      model["knowledge_base"],
+      task=t,
+      step="metalearning",
+      count=run.config.meta_rounds,
+      unit="round",
+      scalars=("first_inner_loss", "inner_loss", "mini_task_accuracy"),
+    )
 
 
 def task_keys(run_key) -> tuple:
@@ -261,16 +287,23 @@ def train_task(run: Run, t: int, run_state: dict, task_data, settings=None) -> d
   """
   config, per_run = run.config, run.programs.per_run
   rng, keys = per_run(task_keys)(run_state["rng"])
-  data = device_data(config, run.programs.mesh, task_data)
+  with run.timer("task data to the devices"):
+    data = jax.block_until_ready(device_data(config, run.programs.mesh, task_data))
   task_slot = per_run(state.task_slot, (0, None))
   model = {**task_slot(run_state["tasks"], t), "knowledge_base": run_state["knowledge_base"]}
 
   own_features = config.use_feature_extractor and not (config.shared_feature_extractor and t)
-  if own_features:
+  if own_features and not config.random_feature_extractor:
     model["feature_extractor"] = train_feature_extractor(run, model, data, keys["features"], t)
-  elif config.use_feature_extractor:
+  elif own_features and config.feature_bn_statistics == "recomputed":
+    model["feature_extractor"] = recompute_statistics(
+      run, model["feature_extractor"], data, keys["features"]
+    )
+  elif config.use_feature_extractor and t:
     model["feature_extractor"] = task_slot(run_state["tasks"], 0)["feature_extractor"]
-  masks_phase = "masks" if own_features else "masks_without_own_features"
+  # The authors' masks learn at the full rate with an F of the task's own or a random one.
+  full_rate = own_features or config.random_feature_extractor
+  masks_phase = "masks" if full_rate else "masks_without_own_features"
   if t == 0 and config.pretrain_kb:
     model = train_phase(run, "kb_pretrain", model, data, keys["pretrain"], t)
   if config.use_feature_extractor or not config.kb_only_skips_masks_step:

@@ -13,6 +13,7 @@ stops alone (its results.json says where) while the others go on.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import time
@@ -82,8 +83,14 @@ def expand(config, seeds: list[int], sweeps: dict[str, list]) -> list[tuple[str,
   return runs
 
 
-def check_configs(configs: list) -> None:
-  """Raises ConfigError unless the configs can share one program (see module doc)."""
+def check_configs(configs: list, names: list[str] | None = None) -> None:
+  """Raises ConfigError unless the configs can share one program (see module doc).
+
+  Args:
+    configs: one config per run.
+    names: how the message names each run (default: its index and seed).
+  """
+  names = names or [f"run {i} (seed {c.seed})" for i, c in enumerate(configs)]
   problems = []
   for i, config in enumerate(configs):
     problems += [f"run {i} (seed {config.seed}): {p}" for p in config_checks.validate(config)]
@@ -91,19 +98,25 @@ def check_configs(configs: list) -> None:
     raise ConfigError(f"the configs have {len(problems)} problem(s):\n  " + "\n  ".join(problems))
   shared = workdir_lib.CHANGEABLE_KEYS | set(metalearning.SETTINGS) | {"seed"}
   first = workdir_lib.flatten_config(configs[0].to_dict())
-  for config in configs[1:]:
+  for name, config in zip(names[1:], configs[1:], strict=True):
     flat = workdir_lib.flatten_config(config.to_dict())
     differ = sorted(
       k for k in first.keys() | flat.keys() if k not in shared and first.get(k) != flat.get(k)
     )
     if differ:
+      listed = ", ".join(f"{k} ({first.get(k)!r} vs {flat.get(k)!r})" for k in differ)
       raise ConfigError(
         "runs in one program must share every key but the seed and round settings "
-        f"({', '.join(metalearning.SETTINGS)}); these differ: {', '.join(differ)}"
+        f"({', '.join(metalearning.SETTINGS)}); {names[0]} and {name} differ in: {listed}"
       )
   if configs[0].get("restore_task") is not None:
     raise ConfigError(
       "--config.restore_task branches one run: use launch.py without --seeds/--sweep"
+    )
+  if configs[0].passes > 1:
+    raise ConfigError(
+      f"--config.passes={configs[0].passes}: runs in one program make one pass; "
+      "use --config.runs_in_one_program=False"
     )
   kb_sgd = ("meta_step_size", "meta_weight_decay")
   if not configs[0].use_metalearning and any(len({c[k] for c in configs}) > 1 for k in kb_sgd):
@@ -124,27 +137,75 @@ def check_equal_tasks(benchmarks: list) -> None:
       )
 
 
-def restore_runs(mngrs, abstract, nets, seeds, num_tasks, mesh, is_writer):
-  """The runs' common starting point: every run restored after the last task all finished.
+@dataclasses.dataclass
+class Resume:
+  """Where runs on a run axis start (restore_runs).
 
-  Returns:
-    (stacked state, accuracy matrices, first task, wall seconds per run).
+  A run ahead of the others (it saved later tasks) keeps its checkpoints and results: until
+  its own latest task, its lane computes a copy of a run behind, whose outputs are dropped
+  (nothing saved, written or logged for it); then its restored state takes the lane over.
   """
-  latest = [checkpointing.restore_latest(m, abstract, is_writer) for m in mngrs]
-  accuracy = [np.full((num_tasks, num_tasks), np.nan) for _ in mngrs]
-  if any(restored is None for restored in latest):
-    return state.initial_runs(nets, seeds, num_tasks, mesh), accuracy, 0, [0.0] * len(mngrs)
-  task = min(restored[0] for restored in latest)
-  states, walls = [], []
-  for r, (mngr, restored) in enumerate(zip(mngrs, latest, strict=True)):
-    _, run_state, saved, wall = (
-      restored if restored[0] == task else (task, *checkpointing.restore(mngr, task, abstract))
+
+  state: dict  # stacked over the run axis, replicated over the mesh
+  accuracy: list[np.ndarray]  # each run's matrix, as of its own latest checkpoint
+  first_task: int  # the first task the program trains
+  walls: list[float | None]  # each run's saved wall seconds
+  latest: list[int]  # each run's latest saved task (-1: none; the task count: stopped)
+  joining: dict[int, dict]  # run ahead -> its restored state, taken over after latest[r]
+
+  def ahead(self, t: int) -> set[int]:
+    """The runs whose lanes only copy another during task t."""
+    return {r for r, done in enumerate(self.latest) if t <= done}
+
+  def take_over(self, run_state: dict, t: int, mesh, waiting: dict) -> dict:
+    """`run_state` with the lanes of the runs that rejoin at task t set to their states;
+    those runs leave `waiting` (the runs the program treats as stopped)."""
+    rejoining = [r for r in self.joining if self.latest[r] == t - 1]
+    if not rejoining:
+      return run_state
+    lanes = [state.unstack(run_state, r) for r in range(len(self.latest))]
+    for r in rejoining:
+      lanes[r] = self.joining.pop(r)
+      del waiting[r]
+    return devices.replicate(state.stack(lanes), mesh)
+
+
+def restore_runs(latest: list, nets, seeds, num_tasks: int, mesh, stopped=frozenset()) -> Resume:
+  """The runs' common starting point: after the latest task of the runs furthest behind.
+
+  Args:
+    latest: per run, checkpointing.restore_latest's answer (None: no checkpoint).
+    nets, seeds, num_tasks, mesh: what a fresh state needs.
+    stopped: runs that stopped in an earlier launch: ahead of every task, never rejoining.
+  """
+  done = [
+    num_tasks if r in stopped else -1 if restored is None else restored[0]
+    for r, restored in enumerate(latest)
+  ]
+  common = min(done)
+  accuracy = [np.full((num_tasks, num_tasks), np.nan) for _ in latest]
+  walls: list[float | None] = [0.0] * len(latest)
+  states = {}
+  for r, restored in enumerate(latest):
+    if restored is not None:
+      task, run_state, saved, walls[r] = restored
+      accuracy[r] = train.restored_accuracy(saved, task, (num_tasks, num_tasks))
+      states[r] = run_state
+  joining = {r: states.pop(r) for r in list(states) if done[r] > common}
+  if common < 0:
+    stacked = state.initial_runs(nets, seeds, num_tasks, mesh)
+  else:
+    behind = [states[r] for r in range(len(latest)) if done[r] == common]
+    lanes = [states.get(r, behind[0]) for r in range(len(latest))]
+    stacked = devices.replicate(state.stack(lanes), mesh)
+  if common >= 0 or joining:
+    logging.info(
+      "Resuming %d runs after task %d%s",
+      len(latest),
+      common,
+      "".join(f"; run {r} rejoins after its task {done[r]}" for r in sorted(joining)),
     )
-    accuracy[r] = train.restored_accuracy(saved, task, num_tasks)
-    states.append(run_state)
-    walls.append(wall)
-  logging.info("Resuming %d runs after task %d", len(mngrs), task)
-  return devices.replicate(state.stack(states), mesh), accuracy, task + 1, walls
+  return Resume(stacked, accuracy, common + 1, walls, done, joining)
 
 
 def stopped_results(workdir) -> dict | None:
@@ -159,8 +220,9 @@ def stopped_results(workdir) -> dict | None:
 def train_and_evaluate_runs(configs: list, workdirs: list[str], allow_config_change=False) -> list:
   """Trains runs of `configs` as one program, each in its workdir as train_and_evaluate does.
 
-  A run that stopped alone in an earlier launch is left out (delete its workdir to train
-  it again); the others resume together.
+  A run that stopped alone in an earlier launch is not trained again (delete its workdir
+  for that) and nothing of it is written; its lane copies another run's, so that the
+  program stays the one the first launch compiled. The others resume together.
 
   Args:
     configs: one config per run, equal but for seeds and round settings (check_configs).
@@ -174,25 +236,28 @@ def train_and_evaluate_runs(configs: list, workdirs: list[str], allow_config_cha
     errors.UserError: with a message for the user (bad configs, data, workdirs, ...).
   """
   check_configs(configs)
-  results = [stopped_results(w) for w in workdirs]
-  for workdir, earlier in zip(workdirs, results, strict=True):
-    if earlier is not None:
-      logging.warning("%s stopped earlier (%s): left out", workdir, earlier[STOPPED])
-  live = [i for i, earlier in enumerate(results) if earlier is None]
-  if live:
-    trained = _train_together(
-      [configs[i] for i in live], [workdirs[i] for i in live], allow_config_change
-    )
-    for i, run_results in zip(live, trained, strict=True):
-      results[i] = run_results
-  return results
+  earlier = [stopped_results(w) for w in workdirs]
+  stopped = {r for r, results in enumerate(earlier) if results is not None}
+  for r in sorted(stopped):
+    logging.warning("%s stopped earlier (%s): not trained", workdirs[r], earlier[r][STOPPED])
+  if len(stopped) == len(workdirs):
+    return earlier
+  trained = _train_together(configs, workdirs, allow_config_change, stopped)
+  return [earlier[r] if r in stopped else trained[r] for r in range(len(workdirs))]
 
 
-def _train_together(configs: list, workdirs: list[str], allow_config_change: bool) -> list:
-  """train_and_evaluate_runs of runs that have not stopped."""
+def _train_together(
+  configs: list, workdirs: list[str], allow_config_change: bool, stopped: set[int]
+) -> list:
+  """train_and_evaluate_runs; the runs in `stopped` are carried along untrained."""
   start_time = time.perf_counter()
   workdirs = [epath.Path(w) for w in workdirs]
   is_writer = jax.process_index() == 0
+  # Each run goes on with the values it used for keys its config.json lacks: the programs
+  # are built from configs[0], so the runs must still agree once those are filled in.
+  for config, workdir in zip(configs, workdirs, strict=True):
+    workdir_lib.fill_keys_as_run(workdir, config)
+  check_configs(configs, [str(w) for w in workdirs])
   for config, workdir in zip(configs, workdirs, strict=True):
     if is_writer:
       workdir_lib.check_writable(workdir)
@@ -215,9 +280,22 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
         workdir_lib.check_free_space(workdir, (num_tasks + 1) * state.size_bytes(abstract))
     test = programs_lib.device_test_data(configs[0], programs.mesh, [b.tasks for b in benchmarks])
     mngrs = [checkpointing.manager(w / "checkpoints") for w in workdirs]
-    run_state, accuracy, first_task, walls = restore_runs(
-      mngrs, abstract, programs.nets, seeds, num_tasks, programs.mesh, is_writer
+    resume = restore_runs(
+      [
+        None if r in stopped else checkpointing.restore_latest(m, abstract, is_writer)
+        for r, m in enumerate(mngrs)
+      ],
+      programs.nets,
+      seeds,
+      num_tasks,
+      programs.mesh,
+      stopped,
     )
+    run_state, accuracy, walls = resume.state, resume.accuracy, resume.walls
+    # Runs that do not train yet count as stopped for the program (no metrics, no
+    # divergence reports) until they rejoin (Resume.take_over).
+    for r in sorted(stopped | resume.joining.keys()):
+      diverged[r] = "stopped in an earlier launch" if r in stopped else "ahead of the others"
     per_run_settings = [metalearning.round_settings(c) for c in configs]
     settings = {k: jnp.asarray([s[k] for s in per_run_settings]) for k in per_run_settings[0]}
 
@@ -226,18 +304,31 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
         return None
       return walls[r] + time.perf_counter() - start_time
 
+    # Wall times as saved until a task is trained (train.train_and_evaluate); the results of
+    # runs ahead are left as they are.
     results = [
-      train.write_results(w, c, a, first_task, wall_seconds(r), is_writer)
+      train.write_results(
+        w,
+        c,
+        a,
+        resume.latest[r] + 1,
+        walls[r],
+        is_writer and r not in resume.ahead(resume.first_task),
+      )
       for r, (w, c, a) in enumerate(zip(workdirs, configs, accuracy, strict=True))
     ]
-    for t in range(first_task, num_tasks):
+    for t in range(resume.first_task, num_tasks):
       task_start = time.perf_counter()
       logging.info("=== task %d/%d of %d runs in one program", t, num_tasks - 1, num_runs)
+      run_state = resume.take_over(run_state, t, programs.mesh, diverged)
+      ahead = resume.ahead(t)
       run_state = mark.train_task(run, t, run_state, [b.tasks[t] for b in benchmarks], settings)
       seen = np.asarray(
         programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test)
       )
       for r in range(num_runs):
+        if r in ahead:  # its lane copied another run's: nothing to keep
+          continue
         if r in diverged:
           if STOPPED not in results[r]:
             results[r] = train.write_results(
@@ -251,18 +342,22 @@ def _train_together(configs: list, workdirs: list[str], allow_config_change: boo
             )
           continue
         accuracy[r][t, : t + 1] = seen[r, : t + 1]
-        if t not in mngrs[r].all_steps():  # a relaunch retrains tasks some runs had saved
-          checkpointing.save(mngrs[r], t, state.unstack(run_state, r), accuracy[r], wall_seconds(r))
+        checkpointing.save(mngrs[r], t, state.unstack(run_state, r), accuracy[r], wall_seconds(r))
         results[r] = train.write_results(
           workdirs[r], configs[r], accuracy[r], t + 1, wall_seconds(r), is_writer
         )
-        train.write_test_scalars(writer.writers[r], t, seen[r], results[r])
+        train.write_test_scalars(writer.writers[r], t, t, seen[r], results[r])
       logging.info(
         "task %d done in %.0fs | ACC of each run: %s",
         t,
         time.perf_counter() - task_start,
         " ".join(
-          "stopped" if r in diverged else f"{results[r]['acc']:.4f}" for r in range(num_runs)
+          "waits"
+          if r in resume.joining
+          else "stopped"
+          if r in diverged
+          else f"{results[r]['acc']:.4f}"
+          for r in range(num_runs)
         ),
       )
       stop.check(f"the evaluation after task {t}", mark.resume_hint(t + 1))

@@ -19,6 +19,7 @@ declare -A variants=(
   # README's main rows, with the defaults (F^t's statistics recomputed after its phase).
   [mark]="--config.mask_bias_init=1.0"
   [kb_frozen_after_task0]="$frozen"
+  [no_metalearning]="--config.mask_bias_init=1.0 --config.use_metalearning=False"
   # Rows measured before the default became 'recomputed': F^t's running statistics.
   [mark_bn_running]="--config.mask_bias_init=1.0 $running"
   [kb_frozen_after_task0_bn_running]="$frozen $running"
@@ -32,8 +33,8 @@ declare -A variants=(
 )
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
-  runs=(mark:48 kb_frozen_after_task0:48 mark:49 kb_frozen_after_task0:49
-    mark:51 kb_frozen_after_task0:51)
+  runs=(mark:48 kb_frozen_after_task0:48 no_metalearning:48 mark:49 kb_frozen_after_task0:49
+    no_metalearning:49 mark:51 kb_frozen_after_task0:51 no_metalearning:51)
 fi
 for run in "${runs[@]}"; do
   variant="${run%%:*}"

@@ -2,20 +2,23 @@
 
 Most of a tiny run's time is XLA compiling its programs. The session's persistent
 compilation cache is set in the environment before any test runs, so that every process
-the suite starts (launch.py, the multi-host script) loads what an earlier one compiled,
-and the tenth launch of the same program compiles nothing.
+the suite starts (pytest-xdist's workers, launch.py, the multi-host script) loads what an
+earlier one compiled, and the tenth launch of the same program compiles nothing.
 """
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
+import filelock
 import jax
 import pytest
 
 from tiny import Reference, checkpoint_digests, read_results, tiny_config
 
 CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+CACHE_SIZE_LIMIT = 16 * 2**30  # bytes: far above what the suite writes (tiny_config: ~1 MB)
 _made_cache = []  # the cache directory this session made (and removes), if it made one
 
 
@@ -29,8 +32,40 @@ def pytest_configure(config):
     _made_cache.append(tempfile.mkdtemp(prefix="mark_jax_tests_cache_"))
     os.environ[CACHE_VARIABLE] = _made_cache[0]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # By default JAX names a folder inside the cache (for GPU autotuning results) in every
+  # program's compile options, and so in its cache key: a copy of the cache at another path
+  # (killable_env) would then miss every entry. The suite runs on CPU and needs no such folder.
+  os.environ["JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES"] = "none"
+  # A size limit makes JAX lock the cache (filelock) while it reads or writes an entry, so
+  # that one worker never reads an entry another is still writing.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_SIZE_LIMIT)
   jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  jax.config.update("jax_compilation_cache_max_size", CACHE_SIZE_LIMIT)
+
+
+# The files whose tests take longest, longest first (results/test_suite/): pytest-xdist
+# (--dist loadfile --no-loadscope-reorder) hands out files in this order, so the long ones
+# start at once and short ones fill the end. test_runs.py first makes the reference while
+# the other worker runs README's command, which needs none.
+LONGEST_FIRST = (
+  "test_runs.py",
+  "test_digits_run.py",
+  "test_metalearning.py",
+  "test_experience.py",
+  "test_devices.py",
+  "test_multihost.py",
+  "test_reliability.py",
+  "test_prepare.py",
+  "test_feature_statistics.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_unconfigure(config):
@@ -51,13 +86,27 @@ def killable_env(tmp_path) -> dict[str, str]:
   return {**os.environ, CACHE_VARIABLE: str(copy)}
 
 
+def _session_dir(tmp_path_factory) -> Path:
+  """A folder that every pytest-xdist worker of this session shares."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Reference:
-  """The session's one in-process run of tiny_config(), read by every test comparing to it."""
+  """The session's one in-process run of tiny_config(), read by every test comparing to it.
+
+  The first worker that needs it trains it; the others wait for it and read it.
+  """
   from mark_jax import train
 
-  workdir = tmp_path_factory.mktemp("reference")
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  workdir = _session_dir(tmp_path_factory) / "reference"
+  finished = workdir.with_name("reference.finished")
+  with filelock.FileLock(f"{workdir}.lock"):
+    if not finished.exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      train.train_and_evaluate(tiny_config(), str(workdir))
+      finished.touch()
   return Reference(workdir, read_results(workdir), checkpoint_digests(workdir))
 
 

@@ -19,7 +19,7 @@ def kb_forward_conv_flops(image_size: int, channels, kernel_sizes) -> int:
 def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   # tiny_config()'s own synthetic sizes: its epochs and round are the reference's programs.
   config = tiny_config()
-  results = bench.run(config, repeats=1, time_task=False)
+  results = bench.run(config, repeats=1, time_task=True)
   json.dumps(results)  # JSON-ready, as main() writes it
 
   assert results["train_examples_per_task"] < 5 * config.synthetic.train_per_class
@@ -39,3 +39,19 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   assert results["model_gflop_per_task"] > 0 and results["model_gflop_kb_pretrain"] > 0
   assert results["peak_memory_bytes"] > 0
   assert "meta round" in bench.format_table(results)
+  # Task 1 as launch.py trains it, every second named by a part but the loop's own.
+  parts = results["task_parts_s"]
+  for step in ("masks", "consolidation"):
+    assert parts[f"{step} epochs"] > 0 and parts[f"{step} validation"] > 0, step
+  for part in (
+    "feature_extractor epochs",
+    "feature statistics",
+    "metalearning rounds",
+    "task data to the devices",
+    "evaluation of the seen tasks",
+    "checkpoint",
+    "results and metrics",
+  ):
+    assert parts[part] > 0, part
+  assert "kb_pretrain epochs" not in parts  # task 0 only
+  assert 0 <= results["task_unnamed_s"] < 0.1 * results["seconds_per_task"]

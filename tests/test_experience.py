@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,18 @@ def test_evaluate_reproduces_the_recorded_accuracies(reference):
   first = evaluate.evaluate(workdir, task=0)
   assert first["test_accuracy"] == pytest.approx([results["accuracy_matrix"][0][0]], abs=1e-6)
   assert "mean" in evaluate.format_evaluation(latest)
+
+
+def test_evaluate_reads_a_workdir_from_before_todays_keys(reference, copy_workdir):
+  """A config.json without any key added since the first release: evaluate fills each in as
+  a resume would (of them, only feature_bn_statistics='batch' would change a test)."""
+  workdir = Path(copy_workdir(str(reference.workdir)))
+  saved = json.loads((workdir / "config.json").read_text())
+  old = {k: v for k, v in saved.items() if k not in config_checks.MISSING_KEY_VALUES}
+  assert "feature_bn_statistics" in saved and "feature_bn_statistics" not in old
+  (workdir / "config.json").write_text(json.dumps(old))
+  latest = evaluate.evaluate(str(workdir))
+  assert latest["test_accuracy"] == pytest.approx(reference.results["accuracy_matrix"][2], abs=1e-6)
 
 
 def test_kb_drift_reports_how_far_metalearning_moved_the_kb(reference, capsys):

@@ -33,6 +33,7 @@ from tiny import (
   checkpoint_digests,
   final_numbers,
   kill_after_first_checkpoint,
+  largest_array_file,
   launch_command,
   read_results,
   tiny_config,
@@ -45,10 +46,6 @@ KILL_SEED = 5
 def file_sizes(root: Path) -> dict[str, int]:
   """Relative path -> size of every file under `root`."""
   return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
-
-
-def largest_array_file(checkpoint: Path) -> Path:
-  return max((p for p in (checkpoint / "state").rglob("*") if p.is_file()), key=os.path.getsize)
 
 
 @pytest.fixture

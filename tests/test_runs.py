@@ -16,8 +16,11 @@ from mark_jax.runtime.errors import ConfigError
 from tiny import (
   ROOT,
   abstract_state,
+  checkpoint_digests,
+  damage_checkpoint,
   kill_after_first_checkpoint,
   launch_command,
+  lowered_programs,
   tiny_config,
   tiny_flags,
 )
@@ -55,10 +58,13 @@ DIVERGING = tiny_config(meta_step_size=0.0, epochs=1)  # the epochs change no pr
 
 
 @pytest.fixture(scope="module")
-def seed_runs(tmp_path_factory) -> tuple[Path, list[Path]]:
-  """(workdir, run dirs) of tiny_config() with two seeds as one program, uninterrupted."""
+def seed_runs(tmp_path_factory) -> tuple[Path, list[Path], list[str]]:
+  """(workdir, run dirs, names of the programs lowered) of tiny_config() with two seeds as
+  one program, uninterrupted."""
   workdir = tmp_path_factory.mktemp("seeds")
-  return workdir, _train(tiny_config(), workdir, SEEDS)
+  with lowered_programs() as lowered:
+    dirs = _train(tiny_config(), workdir, SEEDS)
+  return workdir, dirs, lowered
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def diverging_runs(tmp_path_factory) -> tuple[list[Path], list[dict]]:
 
 def test_runs_in_one_program_equal_each_run_alone(reference, seed_runs):
   alone = reference.workdir
-  _, dirs = seed_runs
+  _, dirs, _ = seed_runs
   assert [d.name for d in dirs] == [f"seed_{seed}" for seed in SEEDS]
   together = _results(dirs[1])
   assert together["config"]["seed"] == reference.results["config"]["seed"]
@@ -96,6 +102,14 @@ def _kb(run_dir: Path, task: int) -> list:
   return jax.tree.leaves(run_state["knowledge_base"])
 
 
+def test_each_epoch_program_compiles_once(seed_runs):
+  """tiny_config() trains three epoch programs (F^t, KB pretraining, masks; consolidation
+  reuses the masks'): each is lowered once, though the runs' phase state is built outside
+  jit before its first epoch."""
+  lowered = seed_runs[2]
+  assert lowered.count("jit(run_epoch)") == 3, lowered
+
+
 def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(seed_runs, diverging_runs):
   (frozen, _), _ = diverging_runs
   moved = seed_runs[1][0]  # the default step, 0.001
@@ -109,7 +123,7 @@ def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(seed_runs,
 def test_killed_runs_resume_to_the_uninterrupted_numbers(seed_runs, killable_env, tmp_path):
   """SIGKILL at a random moment after both runs saved task 0, then a relaunch: every run as
   uninterrupted. The killed launch loads its programs from a copy of the compilation cache."""
-  reference_dir, reference_dirs = seed_runs
+  reference_dir, reference_dirs, _ = seed_runs
   workdir = tmp_path / "seeds"
   command = launch_command(
     workdir,
@@ -130,18 +144,30 @@ def test_killed_runs_resume_to_the_uninterrupted_numbers(seed_runs, killable_env
     np.testing.assert_array_equal(_matrix(resumed), _matrix(ref))
 
 
-def test_runs_saved_at_different_tasks_resume_together(seed_runs, tmp_path):
-  """A kill between two runs' saves: the run behind retrains, the one ahead keeps its files."""
-  reference_dir, reference_dirs = seed_runs
+def _files(run_dir: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("lost", ["task_2", "every_task", "task_2_and_a_damaged_task_1"])
+def test_runs_saved_at_different_tasks_resume_together(seed_runs, tmp_path, lost):
+  """A run behind (it lost checkpoints, or one is damaged) catches up with the run ahead,
+  whose files stay as they were; both end as uninterrupted."""
+  reference_dir, reference_dirs, _ = seed_runs
   workdir = tmp_path / "copy"
   shutil.copytree(reference_dir, workdir)
-  behind = workdir / reference_dirs[1].relative_to(reference_dir)
-  mngr = checkpointing.manager(behind / "checkpoints")
-  shutil.rmtree(behind / "checkpoints" / "2")
-  mngr.reload()
+  ahead, behind = (workdir / d.relative_to(reference_dir) for d in reference_dirs)
+  for task in ("2", "1", "0") if lost == "every_task" else ("2",):
+    shutil.rmtree(behind / "checkpoints" / task)
+  if lost == "task_2_and_a_damaged_task_1":
+    damage_checkpoint(behind / "checkpoints" / "1")
+  files_ahead = _files(ahead)
   dirs = _train(tiny_config(), workdir, SEEDS)
+  assert dirs == [ahead, behind]
+  assert _files(ahead) == files_ahead
   for d, ref in zip(dirs, reference_dirs, strict=True):
     np.testing.assert_array_equal(_matrix(d), _matrix(ref))
+  assert checkpoint_digests(behind) == checkpoint_digests(reference_dirs[1])
+  assert (behind / "damaged_checkpoints").exists() == (lost == "task_2_and_a_damaged_task_1")
 
 
 def test_a_diverging_run_stops_alone(diverging_runs, tmp_path):
@@ -193,5 +219,26 @@ def test_bad_sweeps_are_refused(sweep, message):
 
 def test_runs_that_differ_in_structure_are_refused():
   configs = [tiny_config(), tiny_config(seed=1, use_masks=False, use_feature_extractor=False)]
-  with pytest.raises(ConfigError, match="these differ: use_feature_extractor, use_masks"):
+  with pytest.raises(ConfigError, match="differ in: use_feature_extractor .*, use_masks"):
     runs.check_configs(configs)
+
+
+def test_runs_in_one_program_refuse_several_passes():
+  with pytest.raises(ConfigError, match="--config.passes=2: runs in one program make one pass"):
+    runs.check_configs([tiny_config(passes=2), tiny_config(seed=1, passes=2)])
+
+
+def test_runs_that_differ_once_an_old_workdir_fills_its_keys_are_refused(tmp_path):
+  """seed_48 was started before config.feature_bn_statistics existed, so it goes on with
+  'running'; seed_49 would start with today's default: one program cannot serve both."""
+  old = json.loads(tiny_config(seed=48).to_json_best_effort())
+  del old["feature_bn_statistics"]
+  (tmp_path / "seed_48").mkdir()
+  (tmp_path / "seed_48" / "config.json").write_text(json.dumps(old))
+  workdirs = [str(tmp_path / "seed_48"), str(tmp_path / "seed_49")]
+  with pytest.raises(ConfigError) as error:
+    runs.train_and_evaluate_runs([tiny_config(seed=48), tiny_config(seed=49)], workdirs)
+  message = str(error.value)
+  assert "\n" not in message and all(w in message for w in workdirs), message
+  assert "feature_bn_statistics ('running' vs 'recomputed')" in message, message
+  assert not (tmp_path / "seed_49").exists()

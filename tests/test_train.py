@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from mark_jax import train
 from mark_jax.data import datasets
 from mark_jax.runtime import checkpointing, errors
 
-from tiny import abstract_state, fresh_run, tiny_config
+from tiny import abstract_state, checkpoint_digests, fresh_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +55,36 @@ def test_resume_after_interruption_equals_uninterrupted(reference, copy_workdir)
   assert 0 < saved["wall_seconds"] < resumed["wall_seconds"]
 
 
+def test_relaunching_a_finished_run_changes_nothing(reference, copy_workdir):
+  workdir = copy_workdir(str(reference.workdir))
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  assert results["wall_seconds"] == reference.results["wall_seconds"]
+  assert json.loads((Path(workdir) / "results.json").read_text()) == reference.results
+
+
+def test_a_second_pass_continues_the_first_and_resumes_within_itself(reference, tmp_path):
+  """passes=2 branched from the reference's last task (one pass of three tasks): tasks 3-5
+  are the second pass over tasks 0-2, each pass keeps its own matrix, ACC and BWT are the
+  second pass's; a relaunch after losing task 5 ends as uninterrupted."""
+  config = tiny_config(passes=2, restore_task=2, restore_dir=str(reference.workdir))
+  workdir = tmp_path / "two_passes"
+  results = train.train_and_evaluate(config, str(workdir))
+  first, second = results["accuracy_matrix_per_pass"]
+  assert first == reference.results["accuracy_matrix"]
+  assert results["passes_begun"] == 2 and results["accuracy_matrix"] == second
+  matrix = np.array([[np.nan if v is None else v for v in row] for row in second])
+  assert np.all(np.isfinite(np.tril(matrix))) and np.all(np.isnan(matrix[np.triu_indices(3, 1)]))
+  assert results["acc"] == pytest.approx(np.mean(matrix[-1]))
+  assert sorted(checkpoint_digests(workdir)) == [3, 4, 5]
+
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "5")
+  again = train.train_and_evaluate(tiny_config(passes=2), str(resumed))
+  assert again["accuracy_matrix_per_pass"] == results["accuracy_matrix_per_pass"]
+  assert checkpoint_digests(resumed)[5] == checkpoint_digests(workdir)[5]
+
+
 def test_restore_task_branches_into_a_new_workdir(reference, tmp_path):
   workdir, results = str(reference.workdir), reference.results
   config = tiny_config()
@@ -63,12 +94,25 @@ def test_restore_task_branches_into_a_new_workdir(reference, tmp_path):
   assert branched["accuracy_matrix"] == results["accuracy_matrix"]
 
 
-def test_restore_task_refuses_to_mix_with_later_checkpoints(reference, copy_workdir):
-  workdir = str(reference.workdir)
+@pytest.mark.parametrize("restore_dir", [None, "the workdir", "the workdir/"])
+def test_restore_task_refuses_to_mix_with_later_checkpoints(reference, copy_workdir, restore_dir):
+  workdir = copy_workdir(str(reference.workdir))
   config = tiny_config()
   config.restore_task = 0
-  with pytest.raises(errors.CheckpointError, match="--config.restore_dir"):
-    train.train_and_evaluate(config, copy_workdir(workdir))
+  if restore_dir:
+    config.restore_dir = restore_dir.replace("the workdir", workdir)
+  with pytest.raises(errors.CheckpointError, match="already has checkpoints after task 0"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_digests(Path(workdir)) == reference.digests
+
+
+def test_a_checkpoint_that_is_not_written_is_an_error(tmp_path):
+  _, _, state = fresh_run(tiny_config())
+  mngr = checkpointing.manager(str(tmp_path / "ckpt"))
+  checkpointing.save(mngr, 2, state, np.full((3, 3), np.nan))
+  with pytest.raises(errors.CheckpointError, match="task 1 was not saved"):
+    checkpointing.save(mngr, 1, state, np.full((3, 3), np.nan))
+  assert mngr.all_steps() == [2]
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -1,8 +1,10 @@
 """The smallest useful MARK config for tests, its launch.py flags, a kill at a known point,
 and what tests read of a finished run."""
 
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import signal
 import subprocess
@@ -54,15 +56,58 @@ def launch_command(workdir: Path, *flags: str) -> list[str]:
   return [sys.executable, "launch.py", "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
 
 
+@contextlib.contextmanager
+def lowered_programs():
+  """Yields a list that collects the name of every program lowered inside the block (JAX
+  lowers before every compilation, also one answered by the persistent cache)."""
+  import jax
+
+  names = []
+
+  def listener(event, duration, fun_name=None, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      names.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def wait_until(process: subprocess.Popen, done, what: str, timeout: float = 600) -> None:
+  """Waits until `done()` is true, while `process` still runs; `what` names it in failures."""
+  deadline = time.monotonic() + timeout
+  while not done():
+    assert process.poll() is None, f"exited with {process.returncode} before {what}"
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.05)
+
+
 def wait_for_checkpoint(
   process: subprocess.Popen, run_dirs: list[Path], task: int, timeout: float = 600
 ) -> None:
   """Waits until every run in `run_dirs` has saved `task`, while `process` still runs."""
-  deadline = time.monotonic() + timeout
-  while not all((d / "checkpoints" / str(task)).is_dir() for d in run_dirs):
-    assert process.poll() is None, f"exited with {process.returncode} before saving task {task}"
-    assert time.monotonic() < deadline, f"no checkpoint of task {task}"
-    time.sleep(0.05)
+  wait_until(
+    process,
+    lambda: all((d / "checkpoints" / str(task)).is_dir() for d in run_dirs),
+    f"saving task {task}",
+    timeout,
+  )
+
+
+def largest_array_file(checkpoint: Path) -> Path:
+  """The largest file of a checkpoint's state."""
+  return max((p for p in (checkpoint / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+
+
+def damage_checkpoint(checkpoint: Path) -> None:
+  """Zeroes 64 bytes in the middle of the checkpoint's largest state file."""
+  damaged = largest_array_file(checkpoint)
+  with open(damaged, "r+b") as f:
+    f.seek(damaged.stat().st_size // 2)
+    f.write(b"\0" * 64)
 
 
 def kill_after_first_checkpoint(

@@ -61,6 +61,8 @@ def save(
 ) -> None:
   """Saves the state after `task` with the accuracy matrix (NaN = not yet measured).
 
+  Raises CheckpointError if the manager does not write it (it already holds a later task).
+
   `wall_seconds`, the run's wall time up to this checkpoint (None: unknown), lets a resumed
   run report its whole wall time.
   """
@@ -70,13 +72,18 @@ def save(
     "state_sha256": state_digest(state),
     "wall_seconds": wall_seconds,
   }
-  mngr.save(
+  saved = mngr.save(
     task,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
     ),
   )
   mngr.wait_until_finished()
+  if not saved:  # orbax declines, without an error, a step at or below its latest
+    raise CheckpointError(
+      f"the checkpoint of task {task} was not saved in {mngr.directory}, which holds tasks "
+      f"{mngr.all_steps()}: a later task's checkpoint would describe another trajectory"
+    )
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -120,18 +120,22 @@ class PhaseProgress:
 class MetricWriter:
   """Writes records such as {'task': 3, 'phase': 'masks', 'epoch': 2, 'loss': 0.5}.
 
+  Files are opened at the first record: a writer that records nothing leaves the workdir
+  as it was.
+
   Args:
     workdir: the run's directory, or None to write nothing.
   """
 
   def __init__(self, workdir: epath.Path | None):
+    self.workdir = None if workdir is None else epath.Path(workdir)
     self.jsonl = self.tensorboard = None
-    if workdir is None:
-      return
+
+  def _open(self) -> None:
     from tensorboardX import SummaryWriter  # Imported lazily: only writing runs need it.
 
-    self.jsonl = (epath.Path(workdir) / METRICS_FILE).open("a")
-    self.tensorboard = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR))
+    self.jsonl = (self.workdir / METRICS_FILE).open("a")
+    self.tensorboard = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
 
   def write(self, tag: str, step: int, scalars: dict[str, float], **context) -> None:
     """Writes `scalars` as TensorBoard scalars `tag/name` at `step`, and one JSON line.
@@ -142,8 +146,10 @@ class MetricWriter:
       scalars: name -> value.
       **context: extra JSON fields (task, phase, epoch, ...).
     """
-    if self.jsonl is None:
+    if self.workdir is None:
       return
+    if self.jsonl is None:
+      self._open()
     for name, value in scalars.items():
       self.tensorboard.add_scalar(f"{tag}/{name}", value, step)
     record = {"time": time.time(), **context, **{k: float(v) for k, v in scalars.items()}}

@@ -9,6 +9,7 @@
 """
 
 import json
+import os
 import shutil
 import time
 
@@ -92,10 +93,15 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
   return flat
 
 
+def saved_as_run(config: dict) -> dict:
+  """A run's saved config with each key it lacks (added to the code after the run started)
+  set to the value that run used (MISSING_KEY_VALUES, whose keys are all top-level)."""
+  return {**MISSING_KEY_VALUES, **config}
+
+
 def flatten_as_run(config: dict) -> dict:
-  """A run's saved config flattened, each key it lacks (added to the code after the run
-  started) set to the value that run used (MISSING_KEY_VALUES)."""
-  return {**MISSING_KEY_VALUES, **flatten_config(config)}
+  """A run's saved config flattened, as that run used it (saved_as_run)."""
+  return flatten_config(saved_as_run(config))
 
 
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -111,11 +117,55 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, object, ob
   ]
 
 
+def same_place(a, b) -> bool:
+  """Whether two workdir paths or URLs name the same directory."""
+  if is_local(str(a)) and is_local(str(b)):
+    return os.path.realpath(a) == os.path.realpath(b)
+  return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def read_saved_config(workdir: epath.Path) -> dict | None:
+  """The workdir's config.json as a dict, None if it has none.
+
+  Raises:
+    WorkdirError: config.json is not valid JSON.
+  """
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise WorkdirError(f"{path} is not valid JSON ({error}); move it away to go on") from None
+
+
+def fill_keys_as_run(workdir: epath.Path, config) -> dict | None:
+  """Sets each key that the workdir's config.json lacks (added to the code after its run
+  started) in `config` to the value that run used (MISSING_KEY_VALUES).
+
+  Returns:
+    The workdir's config.json as a dict, None if it has none.
+  """
+  saved = read_saved_config(workdir)
+  if saved is None:
+    return None
+  for key in MISSING_KEY_VALUES.keys() - flatten_config(saved).keys() - CHANGEABLE_KEYS:
+    if config[key] != MISSING_KEY_VALUES[key]:
+      logging.info(
+        "%s started before config.%s existed: it goes on as it ran, with %r",
+        workdir,
+        key,
+        MISSING_KEY_VALUES[key],
+      )
+      config[key] = MISSING_KEY_VALUES[key]
+  return saved
+
+
 def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: bool) -> None:
   """Refuses a workdir started with another config; saves the config as config.json.
 
-  Keys missing from the workdir's config.json are set in `config` to the value that run
-  used (config_checks.MISSING_KEY_VALUES).
+  Keys missing from the workdir's config.json are first set in `config` to the value that
+  run used (fill_keys_as_run).
 
   Args:
     workdir: the run's directory.
@@ -128,22 +178,9 @@ def check_config(workdir: epath.Path, config, allow_change: bool, is_writer: boo
     WorkdirError: the workdir's config.json differs in keys outside CHANGEABLE_KEYS.
   """
   path = workdir / CONFIG_FILE
+  saved = fill_keys_as_run(workdir, config)
   text = config.to_json_best_effort(indent=2)
-  if path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-      raise WorkdirError(f"{path} is not valid JSON ({error}); move it away to go on") from None
-    for key in MISSING_KEY_VALUES.keys() - flatten_config(saved).keys() - CHANGEABLE_KEYS:
-      if config[key] != MISSING_KEY_VALUES[key]:
-        logging.info(
-          "%s started before config.%s existed: it goes on as it ran, with %r",
-          workdir,
-          key,
-          MISSING_KEY_VALUES[key],
-        )
-        config[key] = MISSING_KEY_VALUES[key]
-    text = config.to_json_best_effort(indent=2)
+  if saved is not None:
     differences = config_differences(saved, json.loads(text))
     if differences and not allow_change:
       listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)

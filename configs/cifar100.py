@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   #   batch: the authors' code: batch statistics while M^t, C^t and the KB train, running
   #     averages updated there and used at test
   config.feature_bn_statistics = "recomputed"
+  # F: cnn (F^t above, one per task) | resnet18 (the authors' `resnet18`: one frozen
+  # torchvision ResNet-18 serves every task, no F phase, masks at a tenth of learning_rate).
+  config.feature_extractor = "cnn"
+  config.resnet18_weights = ""  # torchvision's resnet18-f37072fd.pth (its state_dict)
+  config.resnet18_pretrained = True  # False: random weights (the authors' resnet_pre_trained)
+  config.resnet18_input_size = 224  # side of the crop ResNet-18 sees (Resize, CenterCrop)
 
   # Phases 1, 2, 3, 5 (and 4 without metalearning): SGD with momentum.
   config.batch_size = 128

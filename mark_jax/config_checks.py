@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mark_jax.data.facts import FACTS, DatasetFacts, synthetic_facts
+from mark_jax.data.facts import FACTS, RESNET18_WEIGHTS_URL, DatasetFacts, synthetic_facts
 from mark_jax.shapes import CONV_IMPLS, MIN_IMAGE_SIZE
 from mark_jax.value_checks import (
   Check,
@@ -128,6 +128,10 @@ FIELD_RULES = (
   FieldRule("random_feature_extractor", boolean, default=False),
   FieldRule("no_own_features_lr_factor", positive_float, default=1.0),
   FieldRule("kb_only_skips_masks_step", boolean, default=False),
+  FieldRule("feature_extractor", one_of(("cnn", "resnet18")), default="cnn"),
+  FieldRule("resnet18_weights", string, default=""),
+  FieldRule("resnet18_pretrained", boolean, default=True),
+  FieldRule("resnet18_input_size", min_int(32), default=224),
   FieldRule("distributed", boolean),
   FieldRule("cpu_devices", non_negative_int, default=0),
   FieldRule("runs_in_one_program", optional_boolean, default=None),
@@ -163,6 +167,31 @@ def random_needs_shared(values, facts) -> str | None:
   if values["random_feature_extractor"] and not values["shared_feature_extractor"]:
     return "requires --config.shared_feature_extractor=True (one random F^0 serves every task)"
   return None
+
+
+def resnet18_is_the_one_feature_extractor(values, facts) -> str | None:
+  if values["feature_extractor"] != "resnet18":
+    return None
+  if not values["use_feature_extractor"]:
+    return "requires --config.use_feature_extractor=True (the masks come from ResNet-18)"
+  if values["shared_feature_extractor"] or values["random_feature_extractor"]:
+    return (
+      "one frozen ResNet-18 serves every task: leave --config.shared_feature_extractor and "
+      "--config.random_feature_extractor False (random weights: "
+      "--config.resnet18_pretrained=False)"
+    )
+  return None
+
+
+def pretrained_resnet18_needs_weights(values, facts) -> str | None:
+  if values["feature_extractor"] != "resnet18" or not values["resnet18_pretrained"]:
+    return None
+  if values["resnet18_weights"]:
+    return None
+  return (
+    f"give the path of torchvision's ImageNet ResNet-18 weights ({RESNET18_WEIGHTS_URL}), "
+    "or --config.resnet18_pretrained=False for random weights"
+  )
 
 
 def restore_dir_needs_task(values, facts) -> str | None:
@@ -241,6 +270,16 @@ CONSISTENCY_RULES = (
     "shared_feature_extractor", ("use_feature_extractor",), shared_needs_feature_extractor
   ),
   ConsistencyRule("random_feature_extractor", ("shared_feature_extractor",), random_needs_shared),
+  ConsistencyRule(
+    "feature_extractor",
+    ("use_feature_extractor", "shared_feature_extractor", "random_feature_extractor"),
+    resnet18_is_the_one_feature_extractor,
+  ),
+  ConsistencyRule(
+    "resnet18_weights",
+    ("feature_extractor", "resnet18_pretrained"),
+    pretrained_resnet18_needs_weights,
+  ),
   ConsistencyRule("restore_dir", ("restore_task",), restore_dir_needs_task),
   ConsistencyRule("classes_per_task", (), classes_divide, needs_dataset=True),
   ConsistencyRule("max_tasks", ("classes_per_task",), max_tasks_within_dataset, needs_dataset=True),

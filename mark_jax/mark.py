@@ -292,16 +292,19 @@ def train_task(run: Run, t: int, run_state: dict, task_data, settings=None) -> d
   task_slot = per_run(state.task_slot, (0, None))
   model = {**task_slot(run_state["tasks"], t), "knowledge_base": run_state["knowledge_base"]}
 
-  own_features = config.use_feature_extractor and not (config.shared_feature_extractor and t)
+  # A frozen ResNet-18's features come with the data (models.Networks.cached_features).
+  trains_features = config.use_feature_extractor and not run.programs.nets.cached_features
+  own_features = trains_features and not (config.shared_feature_extractor and t)
   if own_features and not config.random_feature_extractor:
     model["feature_extractor"] = train_feature_extractor(run, model, data, keys["features"], t)
   elif own_features and config.feature_bn_statistics == "recomputed":
     model["feature_extractor"] = recompute_statistics(
       run, model["feature_extractor"], data, keys["features"]
     )
-  elif config.use_feature_extractor and t:
+  elif trains_features and t:
     model["feature_extractor"] = task_slot(run_state["tasks"], 0)["feature_extractor"]
-  # The authors' masks learn at the full rate with an F of the task's own or a random one.
+  # The authors' masks learn at the full rate with an F of the task's own or a random one,
+  # at a tenth of it with a shared F^0 or a ResNet-18.
   full_rate = own_features or config.random_feature_extractor
   masks_phase = "masks" if full_rate else "masks_without_own_features"
   if t == 0 and config.pretrain_kb:

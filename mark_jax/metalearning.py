@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mark_jax.models import Networks, normalize
+from mark_jax.models import Networks, standardize, take
 from mark_jax.phases import all_finite, first_nonfinite, global_norm_clip, sgd
 
 
@@ -205,9 +205,9 @@ def make_meta_round(
     needed = num_batches * batch_size
     order = jax.random.permutation(order_key, labels.shape[0])
     order = jnp.tile(order, -(-needed // labels.shape[0]))[:needed].reshape(num_batches, batch_size)
-    x, y = shard_mini_tasks((normalize(images[order], mean, std), labels[order]))
+    x, y = shard_mini_tasks((standardize(take(images, order), mean, std), labels[order]))
     model = {**task, "knowledge_base": knowledge_base}
-    batch_stats = model["feature_extractor"]["batch_stats"]
+    batch_stats = model.get("feature_extractor", {}).get("batch_stats")
     masks = jax.vmap(
       lambda batch: nets.training_masks(model, batch, config.use_masks, batch_stats)[0]
     )(x)

@@ -7,6 +7,11 @@ Data flow for an image x of task t:
   latent   = KnowledgeBase(x, masks)        # KB, shared by all tasks
   logits   = Head^t(latent)                 # C^t
 
+With `feature_extractor='resnet18'` F is one frozen ResNet-18 whose features of every image
+are computed once (mark_jax.resnet18.with_features): the networks' inputs are then
+{'image': x, 'features': ResNet-18(x)} instead of x (`model_inputs`), and no task has
+F^t variables of its own.
+
 Every layer is initialised as PyTorch initialises it (uniform in +-1/sqrt(fan_in) for
 weights and biases), so that a fresh model behaves like the authors' one; docs/results.md
 shows that this matters for the masks.
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mark_jax import shapes
+from mark_jax import resnet18, shapes
 from mark_jax.runtime import compilation
 
 compilation.unroll_threefry_on_cpu()
@@ -33,6 +38,32 @@ def normalize(images: jnp.ndarray, mean, std) -> jnp.ndarray:
   """uint8 images -> float32, scaled to [0, 1] then standardised per channel."""
   images = images.astype(jnp.float32) / 255.0
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+Inputs = jax.Array | dict  # images, or {'image', 'features'} with cached F features
+
+
+def model_inputs(arrays: dict) -> Inputs:
+  """What the networks read of a split's arrays ('image', and 'features' if cached)."""
+  if "features" in arrays:
+    return {"image": arrays["image"], "features": arrays["features"]}
+  return arrays["image"]
+
+
+def take(inputs: Inputs, indices) -> Inputs:
+  """The examples `indices` of every array of `inputs`."""
+  return jax.tree.map(lambda a: a[indices], inputs)
+
+
+def standardize(inputs: Inputs, mean, std) -> Inputs:
+  """`normalize` of the images of `inputs`; cached features stay as they are."""
+  if isinstance(inputs, dict):
+    return {**inputs, "image": normalize(inputs["image"], mean, std)}
+  return normalize(inputs, mean, std)
+
+
+def images_of(inputs: Inputs) -> jax.Array:
+  return inputs["image"] if isinstance(inputs, dict) else inputs
 
 
 def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
@@ -239,7 +270,8 @@ def ones_masks(batch: int, channels: Sequence[int]) -> Masks:
 
 class Networks:
   """The four module definitions of one MARK configuration, kernel sides from the input
-  size (shapes.kernel_sizes); `over_runs` for networks vmapped over runs (resolve_conv_impl)."""
+  size (shapes.kernel_sizes); `over_runs` for networks vmapped over runs (resolve_conv_impl).
+  With cached ResNet-18 features (`cached_features`) the tasks have no F^t."""
 
   def __init__(self, model_config: Any, image_size: int, num_classes: int, over_runs=False):
     kb_kernels, feature_kernels = shapes.kernel_sizes(image_size)
@@ -265,8 +297,11 @@ class Networks:
     )
     self.head = Head(num_classes)
     self.image_shape = (image_size, image_size, 3)
+    self.cached_features = model_config.get("feature_extractor", "cnn") == "resnet18"
     # F^t in training mode (batch statistics) while M^t, C^t and the KB train.
-    self.masks_from_batch_statistics = model_config.feature_bn_statistics == "batch"
+    self.masks_from_batch_statistics = (
+      model_config.feature_bn_statistics == "batch" and not self.cached_features
+    )
 
   def init_knowledge_base(self, rng: jax.Array) -> dict:
     """Fresh KB variables ({'params': ...})."""
@@ -274,12 +309,16 @@ class Networks:
     return self.knowledge_base.init(rng, image, ones_masks(1, self.kb_channels), train=False)
 
   def init_task(self, rng: jax.Array) -> dict:
-    """Fresh variables of one task's F^t, M^t and C^t."""
+    """Fresh variables of one task's F^t (none with cached features), M^t and C^t."""
     fe_key, mg_key, head_key = jax.random.split(rng, 3)
-    image = jnp.zeros((1, *self.image_shape), jnp.float32)
-    feature_dim = self.feature_extractor.feature_dim
+    if self.cached_features:
+      feature_dim, task = resnet18.FEATURES, {}
+    else:
+      image = jnp.zeros((1, *self.image_shape), jnp.float32)
+      feature_dim = self.feature_extractor.feature_dim
+      task = {"feature_extractor": self.feature_extractor.init(fe_key, image, train=False)}
     return {
-      "feature_extractor": self.feature_extractor.init(fe_key, image, train=False),
+      **task,
       "mask_generator": self.mask_generator.init(mg_key, jnp.zeros((1, feature_dim))),
       "head": self.init_head(head_key),
     }
@@ -287,17 +326,22 @@ class Networks:
   def init_head(self, rng: jax.Array) -> dict:
     return self.head.init(rng, jnp.zeros((1, self.knowledge_base.latent_dim)))
 
-  def masks(self, model: dict, images: jax.Array, use_masks: bool) -> Masks:
-    """Per-example masks from the task's frozen F^t (inference mode) and M^t."""
+  def masks(self, model: dict, inputs: Inputs, use_masks: bool) -> Masks:
+    """Per-example masks from the task's frozen F^t (inference mode), or the cached
+    features, and M^t; `inputs` standardized."""
+    images = images_of(inputs)
     if not use_masks:
       return ones_masks(images.shape[0], self.kb_channels)
-    features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)
+    if self.cached_features:
+      features = inputs["features"]
+    else:
+      features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)
     return self.mask_generator.apply(model["mask_generator"], features)
 
   def training_masks(
     self,
     model: dict,
-    images: jax.Array,
+    inputs: Inputs,
     use_masks: bool,
     batch_stats: dict,
     weights: jax.Array | None = None,
@@ -307,7 +351,7 @@ class Networks:
 
     Args:
       model: holds F^t's params (model['feature_extractor']['params']) and M^t.
-      images: normalised images.
+      inputs: standardized inputs.
       use_masks: False gives all-ones masks.
       batch_stats: F^t's running statistics before this batch.
       weights: (batch,) marks real examples (padding has weight 0); None: all real.
@@ -317,11 +361,11 @@ class Networks:
       mode 'batch', else `batch_stats` unchanged).
     """
     if not (use_masks and self.masks_from_batch_statistics):
-      return self.masks(model, images, use_masks), batch_stats
+      return self.masks(model, inputs, use_masks), batch_stats
     variables = {"params": model["feature_extractor"]["params"], "batch_stats": batch_stats}
     features, updates = self.feature_extractor.apply(
       variables,
-      images,
+      inputs,
       train=True,
       mask=None if weights is None else weights > 0,
       mutable=["batch_stats"],
@@ -329,11 +373,11 @@ class Networks:
     return self.mask_generator.apply(model["mask_generator"], features), updates["batch_stats"]
 
   def logits(
-    self, model: dict, images: jax.Array, masks: Masks, *, train: bool, rng: jax.Array | None
+    self, model: dict, inputs: Inputs, masks: Masks, *, train: bool, rng: jax.Array | None
   ) -> jax.Array:
-    """Head^t(KB(images, masks)); `train` switches the KB's dropout on."""
+    """Head^t(KB(images, masks)) of standardized inputs; `train` switches the KB's dropout on."""
     rngs = {"dropout": rng} if train else {}
     latent = self.knowledge_base.apply(
-      model["knowledge_base"], images, masks, train=train, rngs=rngs
+      model["knowledge_base"], images_of(inputs), masks, train=train, rngs=rngs
     )
     return self.head.apply(model["head"], latent)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mark_jax.models import Networks, normalize
+from mark_jax.models import Networks, images_of, normalize, standardize, take
 
 # loss_fn(params, model_state, frozen, batch, rng) -> (loss, (correct, model_state))
 LossFn = Callable
@@ -160,7 +160,7 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
 
     def body(state, xs):
       idx, weight, key = xs
-      batch = shard_batch({"image": images[idx], "label": labels[idx], "weight": weight})
+      batch = shard_batch({"image": take(images, idx), "label": labels[idx], "weight": weight})
       return step(state, batch, key)
 
     keys = jax.random.split(step_key, indices.shape[0])
@@ -178,11 +178,10 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
 
 def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
   """MARK's gradient-descent phases with the config's optimisers."""
-  standardize = functools.partial(normalize, mean=mean, std=std)
 
   def feature_loss(params, batch_stats, frozen, batch, rng):
     del frozen, rng
-    images = standardize(batch["image"])
+    images = normalize(batch["image"], mean, std)
     features, updates = nets.feature_extractor.apply(
       {"params": params["feature_extractor"], "batch_stats": batch_stats},
       images,
@@ -196,9 +195,9 @@ def make_phases(nets: Networks, config, mean, std) -> dict[str, Phase]:
 
   def masked_model_loss(use_masks, params, model_state, frozen, batch, rng):
     model = {**frozen, **params}
-    images = standardize(batch["image"])
-    masks, model_state = nets.training_masks(model, images, use_masks, model_state, batch["weight"])
-    logits = nets.logits(model, images, masks, train=True, rng=rng)
+    inputs = standardize(batch["image"], mean, std)
+    masks, model_state = nets.training_masks(model, inputs, use_masks, model_state, batch["weight"])
+    logits = nets.logits(model, inputs, masks, train=True, rng=rng)
     loss, correct = weighted_cross_entropy(logits, batch["label"], batch["weight"])
     return loss, (correct, model_state)
 
@@ -307,9 +306,9 @@ def make_mask_statistics_fn(nets: Networks, mean, std):
   """
 
   def statistics(model, images, weights):
-    x = normalize(images, mean, std)
+    x = standardize(images, mean, std)
     masks = nets.masks(model, x, True)
-    latent = nets.knowledge_base.apply(model["knowledge_base"], x, masks, train=False)
+    latent = nets.knowledge_base.apply(model["knowledge_base"], images_of(x), masks, train=False)
     norms = jnp.linalg.norm(latent, axis=-1)
     mask_max = jnp.max(jnp.stack([jnp.max(m * weights[:, None]) for m in masks]))
     return {
@@ -332,11 +331,11 @@ def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):
 
     def body(correct, xs):
       chunk_images, chunk_labels, chunk_weights = xs
-      x = normalize(chunk_images, mean, std)
+      x = standardize(chunk_images, mean, std)
       logits = nets.logits(model, x, nets.masks(model, x, use_masks), train=False, rng=None)
       return correct + jnp.sum((jnp.argmax(logits, -1) == chunk_labels) * chunk_weights), None
 
-    correct, _ = lax.scan(body, 0.0, (chunks(images), chunks(labels), chunks(weights)))
+    correct, _ = lax.scan(body, 0.0, jax.tree.map(chunks, (images, labels, weights)))
     return correct / jnp.maximum(jnp.sum(weights), 1.0)
 
   return accuracy

@@ -17,7 +17,7 @@ import numpy as np
 from mark_jax import metalearning
 from mark_jax import phases as phases_lib
 from mark_jax.data import tasks as tasks_lib
-from mark_jax.models import Networks
+from mark_jax.models import Networks, model_inputs
 from mark_jax.runtime import devices
 from mark_jax.runtime.errors import ConfigError
 
@@ -78,11 +78,11 @@ def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
   """
 
   def evaluate_all(knowledge_base, tasks, test):
-    def one(task, images, labels, weights):
+    def one(task, inputs, labels, weights):
       model = {**task, "knowledge_base": knowledge_base}
-      return accuracy(model, images, labels, weights, use_masks)
+      return accuracy(model, inputs, labels, weights, use_masks)
 
-    return jax.vmap(one)(tasks, test["image"], test["label"], test["weight"])
+    return jax.vmap(one)(tasks, model_inputs(test), test["label"], test["weight"])
 
   return evaluate_all
 
@@ -139,17 +139,21 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
 
 
 def device_data(config, mesh, task) -> dict:
-  """A task's training images on the devices, and its validation split padded for evaluation.
+  """A task's training inputs (models.model_inputs) on the devices, and its validation split
+  padded for evaluation.
 
   `task` is a TaskData, or a list of them (one per run, equally many training images)
   stacked on a leading run axis.
   """
   tasks = task if isinstance(task, list) else [task]
   held_out = tasks_lib.stack_splits([t.validation for t in tasks], config.eval_batch_size)
+  train = {"image": np.stack([t.train.images for t in tasks])}
+  if tasks[0].train.features is not None:
+    train["features"] = np.stack([t.train.features for t in tasks])
   on_device = {
-    "train_image": np.stack([t.train.images for t in tasks]),
+    "train_image": model_inputs(train),
     "train_label": np.stack([t.train.labels for t in tasks]),
-    "validation": tuple(held_out[k] for k in ("image", "label", "weight")),
+    "validation": (model_inputs(held_out), held_out["label"], held_out["weight"]),
   }
   if not isinstance(task, list):
     on_device = jax.tree.map(lambda a: a[0], on_device)

@@ -33,13 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mark_jax.data.facts import IMAGENET_MEAN, IMAGENET_STD
-from mark_jax.runtime import compilation
+from mark_jax.data.facts import IMAGENET_MEAN, IMAGENET_STD, RESNET18_WEIGHTS_URL
+from mark_jax.runtime import compilation, logs
 from mark_jax.runtime.errors import DataError
 
 compilation.unroll_threefry_on_cpu()
 
-WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 FEATURES = 512
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride of the first block)
 
@@ -338,7 +337,7 @@ def load_state_dict(path: str | Path) -> dict:
       or dtype wrong); one line naming the file, the problem and where the weights are.
   """
   path = Path(path)
-  where = f"download torchvision's ImageNet ResNet-18 weights from {WEIGHTS_URL}"
+  where = f"download torchvision's ImageNet ResNet-18 weights from {RESNET18_WEIGHTS_URL}"
   if not path.is_file():
     raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}; {where}")
   try:
@@ -355,3 +354,61 @@ def load_state_dict(path: str | Path) -> dict:
   problem = " ".join(problem.split())
   problem = problem if len(problem) <= 300 else problem[:300] + "..."
   raise DataError(f"{path}: not a ResNet-18 state_dict: {problem}; {where}")
+
+
+# The random ResNet-18 of a run with resnet18_pretrained=False: from the run's seed, on a
+# stream of its own (the run state's keys start from PRNGKey(seed) itself).
+_RANDOM_WEIGHTS_STREAM = 18
+
+
+def frozen_variables(config) -> dict:
+  """The ResNet-18 that `config` freezes as F: torchvision's ImageNet weights read from
+  `config.resnet18_weights`, or, with `resnet18_pretrained=False`, a random initialisation
+  drawn from `config.seed`. DataError for a bad weights file (load_state_dict)."""
+  if config.resnet18_pretrained:
+    return load_state_dict(Path(config.resnet18_weights).expanduser())
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _RANDOM_WEIGHTS_STREAM)
+  return random_variables(key, config.resnet18_input_size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _features(variables: dict, images: jax.Array, input_size: int) -> jax.Array:
+  return ResNet18().apply(variables, preprocess(images, input_size))
+
+
+def split_features(variables: dict, images: np.ndarray, input_size: int, batch: int) -> np.ndarray:
+  """ResNet-18's (N, 512) features of uint8 `images`, `batch` at a time (the last batch
+  padded, so that one compiled program serves every split)."""
+  chunks = [np.zeros((0, FEATURES), np.float32)]
+  for start in range(0, len(images), batch):
+    chunk = images[start : start + batch]
+    padded = np.zeros((batch, *images.shape[1:]), images.dtype)
+    padded[: len(chunk)] = chunk
+    chunks.append(np.asarray(_features(variables, padded, input_size))[: len(chunk)])
+  return np.concatenate(chunks)
+
+
+def with_features(tasks: list, config, interactive: bool | None = None) -> list:
+  """`tasks` (TaskData) with the frozen ResNet-18's features of every split attached.
+
+  F never changes, so its features are computed once here, and every phase, metalearning
+  round and evaluation reads them instead of running ResNet-18 again.
+  """
+  variables = frozen_variables(config)
+  size, batch = config.resnet18_input_size, config.eval_batch_size
+  attached = []
+  with logs.PhaseProgress("ResNet-18 features", len(tasks), "task", interactive) as bar:
+    for task in tasks:
+      splits = {
+        name: dataclasses.replace(
+          split, features=split_features(variables, split.images, size, batch)
+        )
+        for name, split in (
+          ("train", task.train),
+          ("validation", task.validation),
+          ("test", task.test),
+        )
+      }
+      attached.append(dataclasses.replace(task, **splits))
+      bar.update({})
+  return attached

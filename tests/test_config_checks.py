@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 import pytest
 
-from configs import cifar100, digits, miniimagenet, miniimagenet32_cpu, smoke
+from configs import cifar100, digits, miniimagenet, miniimagenet32_cpu, miniimagenet_resnet18, smoke
 from mark_jax import config_checks, shapes
 from mark_jax.data import facts
 
@@ -27,7 +27,9 @@ def with_values(config: ml_collections.ConfigDict, **values) -> ml_collections.C
   return config
 
 
-@pytest.mark.parametrize("module", [cifar100, miniimagenet, smoke, digits, miniimagenet32_cpu])
+@pytest.mark.parametrize(
+  "module", [cifar100, miniimagenet, smoke, digits, miniimagenet32_cpu, miniimagenet_resnet18]
+)
 def test_shipped_configs_are_valid(module):
   assert config_checks.validate(module.get_config()) == []
 

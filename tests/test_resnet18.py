@@ -5,17 +5,23 @@ features; mark_jax itself reads the checkpoints without them.
 """
 
 import collections
+import json
 import os
 import pickle
+import re
 import zipfile
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from mark_jax import resnet18
-from mark_jax.data import facts
-from mark_jax.runtime.errors import DataError
+from mark_jax import models, resnet18, state, train
+from mark_jax.data import datasets, facts
+from mark_jax.runtime import checkpointing, devices
+from mark_jax.runtime.errors import ConfigError, DataError
+
+from tiny import read_results, tiny_config
 
 _features = jax.jit(resnet18.ResNet18().apply)
 _IMAGES = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
@@ -190,7 +196,7 @@ def test_bad_file_is_one_data_error(kind, checkpoint, tmp_path):
   message = str(raised.value)
   assert "\n" not in message
   assert str(path) in message and phrase in message
-  assert resnet18.WEIGHTS_URL in message
+  assert facts.RESNET18_WEIGHTS_URL in message
   assert not (tmp_path / "ran").exists()
 
 
@@ -223,3 +229,96 @@ def test_preprocess_keeps_the_centre():
   out = np.asarray(resnet18.preprocess(images, input_size=56))
   # Shorter side 64 -> 64, longer 96 -> 96; the 56-wide centre crop starts at column 20.
   assert (out[0, :, :27, 0] < 0).all() and (out[0, :, 29:, 0] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Runs with a frozen ResNet-18 as F (--config.feature_extractor=resnet18).
+
+_RUN_INPUT_SIZE = 32  # the tests' crop: ResNet-18's default 224 would take minutes here
+_SYNTHETIC_SIZE = tiny_config().synthetic.image_size
+
+
+def _resnet18_config(**overrides):
+  return tiny_config(feature_extractor="resnet18", resnet18_input_size=_RUN_INPUT_SIZE, **overrides)
+
+
+def _losses(workdir, phase: str) -> list[float]:
+  return [
+    r["loss"]
+    for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    if r.get("phase") == phase and "loss" in r
+  ]
+
+
+@pytest.fixture(scope="module")
+def resnet18_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
+  """Workdirs of tiny_config() with a ResNet-18 F: read from `checkpoint`, and random
+  (no file). Their networks' programs are the same: the features are data."""
+  workdirs = {}
+  for name, overrides in (
+    ("from_file", dict(resnet18_weights=str(checkpoint))),
+    ("random", dict(resnet18_pretrained=False)),
+  ):
+    workdirs[name] = tmp_path_factory.mktemp(name)
+    train.train_and_evaluate(_resnet18_config(**overrides), str(workdirs[name]))
+  return workdirs
+
+
+@pytest.mark.parametrize("name", ["from_file", "random"])
+def test_a_resnet18_run_finishes_without_feature_phases_and_its_masks_train(resnet18_runs, name):
+  workdir = resnet18_runs[name]
+  results = read_results(workdir)
+  assert results["tasks_completed"] == 3 and np.isfinite(results["acc"])
+  assert _losses(workdir, "feature_extractor") == []  # F is frozen: no phase of its own
+  masks = _losses(workdir, "masks")  # 5 epochs per task
+  firsts, lasts = masks[::5], masks[4::5]
+  assert np.mean(lasts) < np.mean(firsts), masks
+  run_state, _, _ = checkpointing.restore(
+    checkpointing.manager(workdir / "checkpoints"),
+    2,
+    state.abstract(models.Networks(_resnet18_config(), 32, 5), 0, 3, devices.make_mesh(4, 16)),
+  )
+  assert set(run_state["tasks"]) == {"mask_generator", "head"}
+
+
+def test_features_are_computed_once_and_equal_resnet18_on_the_images(checkpoint):
+  """with_features attaches each split's features, computed in batches of eval_batch_size
+  (the last one padded): equal to ResNet-18 on all the split's images at once."""
+  config = _resnet18_config(resnet18_weights=str(checkpoint))
+  task = datasets.load_benchmark(config).tasks[1]
+  variables = resnet18.load_state_dict(checkpoint)
+  batch = config.eval_batch_size
+  assert len(task.train) % batch and not len(task.test) % batch
+  for split in (task.train, task.test):  # a padded last batch, and none
+    direct = _features(variables, resnet18.preprocess(split.images, _RUN_INPUT_SIZE))
+    np.testing.assert_allclose(split.features, direct, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "overrides, phrase",
+  [
+    (dict(), "--config.resnet18_weights='': give the path of torchvision's ImageNet"),
+    (
+      dict(resnet18_pretrained=False, shared_feature_extractor=True),
+      "--config.feature_extractor='resnet18': one frozen ResNet-18 serves every task",
+    ),
+    (
+      dict(resnet18_pretrained=False, use_feature_extractor=False, use_masks=False),
+      "--config.feature_extractor='resnet18': requires --config.use_feature_extractor=True",
+    ),
+  ],
+)
+def test_resnet18_configs_without_a_meaning_are_refused(overrides, phrase, tmp_path):
+  with pytest.raises(ConfigError, match=re.escape(phrase)):
+    train.train_and_evaluate(_resnet18_config(**overrides), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_weights_file_stops_the_run_before_training(tmp_path):
+  path = tmp_path / "resnet18-f37072fd.pth"
+  path.write_bytes(b"<html>not found</html>")
+  with pytest.raises(DataError) as raised:
+    train.train_and_evaluate(_resnet18_config(resnet18_weights=str(path)), str(tmp_path / "run"))
+  message = str(raised.value)
+  assert str(path) in message and facts.RESNET18_WEIGHTS_URL in message and "\n" not in message
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -33,6 +33,8 @@ CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's ImageNet ResNet-18 (its state_dict), the authors' pretrained F^t.
+RESNET18_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
 FACTS = {
   "cifar100": DatasetFacts("cifar100", 100, 500, 32, CIFAR_MEAN, CIFAR_STD),

@@ -15,10 +15,12 @@ from mark_jax.runtime.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Images (N, H, W, 3) uint8 and labels (N,) int32 of one task."""
+  """Images (N, H, W, 3) uint8 and labels (N,) int32 of one task; `features` (N, D) are a
+  frozen F's outputs for the images, computed once (mark_jax.resnet18.with_features)."""
 
   images: np.ndarray
   labels: np.ndarray
+  features: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -121,8 +123,8 @@ def stack_splits(splits: list[Split], multiple: int) -> dict[str, np.ndarray]:
     multiple: the common length is rounded up to a multiple of this (the eval batch).
 
   Returns:
-    {'image': (T, N, H, W, 3), 'label': (T, N), 'weight': (T, N)}; weight is 1 for real
-    examples and 0 for padding.
+    {'image': (T, N, H, W, 3), 'label': (T, N), 'weight': (T, N)}, and 'features' (T, N, D)
+    if the splits have them; weight is 1 for real examples and 0 for padding.
   """
   length = max(len(s) for s in splits)
   length = -(-length // multiple) * multiple
@@ -130,8 +132,13 @@ def stack_splits(splits: list[Split], multiple: int) -> dict[str, np.ndarray]:
   images = np.zeros((len(splits), length, *shape), np.uint8)
   labels = np.zeros((len(splits), length), np.int32)
   weights = np.zeros((len(splits), length), np.float32)
+  stacked = {"image": images, "label": labels, "weight": weights}
+  if splits[0].features is not None:
+    stacked["features"] = np.zeros((len(splits), length, *splits[0].features.shape[1:]), np.float32)
   for t, split in enumerate(splits):
     images[t, : len(split)] = split.images
     labels[t, : len(split)] = split.labels
     weights[t, : len(split)] = 1.0
-  return {"image": images, "label": labels, "weight": weights}
+    if "features" in stacked:
+      stacked["features"][t, : len(split)] = split.features
+  return stacked

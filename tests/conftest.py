@@ -56,6 +56,7 @@ LONGEST_FIRST = (
   "test_experience.py",
   "test_devices.py",
   "test_multihost.py",
+  "test_resnet18.py",
   "test_reliability.py",
   "test_prepare.py",
   "test_feature_statistics.py",

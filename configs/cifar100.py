@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.feature_extractor = "cnn"
   config.resnet18_weights = ""  # torchvision's resnet18-f37072fd.pth (its state_dict)
   config.resnet18_pretrained = True  # False: random weights (the authors' resnet_pre_trained)
-  config.resnet18_input_size = 224  # side of the crop ResNet-18 sees (Resize, CenterCrop)
+  config.resnet18_input_size = 224  # its crop after Resize (0: the images as they are)
 
   # Phases 1, 2, 3, 5 (and 4 without metalearning): SGD with momentum.
   config.batch_size = 128

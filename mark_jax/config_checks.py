@@ -34,6 +34,7 @@ from mark_jax.value_checks import (
   seed,
   string,
   unit_interval,
+  zero_or_min_int,
   zero_or_network_size,
 )
 
@@ -131,7 +132,7 @@ FIELD_RULES = (
   FieldRule("feature_extractor", one_of(("cnn", "resnet18")), default="cnn"),
   FieldRule("resnet18_weights", string, default=""),
   FieldRule("resnet18_pretrained", boolean, default=True),
-  FieldRule("resnet18_input_size", min_int(32), default=224),
+  FieldRule("resnet18_input_size", zero_or_min_int(32, "the images as they are"), default=224),
   FieldRule("distributed", boolean),
   FieldRule("cpu_devices", non_negative_int, default=0),
   FieldRule("runs_in_one_program", optional_boolean, default=None),

@@ -86,18 +86,18 @@ class ResNet18(nn.Module):
     return x.mean(axis=(1, 2))
 
 
-def random_variables(rng: jax.Array, input_size: int = 224) -> dict:
+def random_variables(rng: jax.Array) -> dict:
   """A randomly initialised ResNet-18, as torchvision initialises one (no pretraining).
 
   Args:
     rng: a JAX PRNG key.
-    input_size: side of the square images the network will see.
 
   Returns:
-    Flax variables {'params', 'batch_stats'}: conv kernels kaiming-normal (fan_out, ReLU
-    gain), batch-norm scale 1 and bias 0, running mean 0 and variance 1.
+    Flax variables {'params', 'batch_stats'} (for images of any size): conv kernels
+    kaiming-normal (fan_out, ReLU gain), batch-norm scale 1 and bias 0, running mean 0 and
+    variance 1.
   """
-  images = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+  images = jnp.zeros((1, 32, 32, 3), jnp.float32)
   return jax.jit(ResNet18().init)(rng, images)
 
 
@@ -115,7 +115,8 @@ def preprocess(images: jax.Array, input_size: int = 224) -> jax.Array:
 
   Args:
     images: (batch, height, width, 3) uint8 (or float in [0, 255]) images.
-    input_size: side of the square crop.
+    input_size: side of the square crop; 0: the images as they are, only scaled and
+      standardised (the authors' ImageNet, whose ResNet sees the KB's 114x114 input).
 
   Returns:
     float32 (batch, input_size, input_size, 3).
@@ -123,6 +124,9 @@ def preprocess(images: jax.Array, input_size: int = 224) -> jax.Array:
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected (batch, height, width, 3) images, got shape {images.shape}")
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  if not input_size:
+    return (images / 255.0 - mean) / jnp.asarray(IMAGENET_STD, jnp.float32)
   batch, height, width, _ = images.shape
   short = input_size * 256 // 224
   if height <= width:
@@ -134,7 +138,6 @@ def preprocess(images: jax.Array, input_size: int = 224) -> jax.Array:
   top = int(round((size[0] - input_size) / 2.0))
   left = int(round((size[1] - input_size) / 2.0))
   crop = resized[:, top : top + input_size, left : left + input_size] / 255.0
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
   return (crop - mean) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
@@ -368,7 +371,7 @@ def frozen_variables(config) -> dict:
   if config.resnet18_pretrained:
     return load_state_dict(Path(config.resnet18_weights).expanduser())
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _RANDOM_WEIGHTS_STREAM)
-  return random_variables(key, config.resnet18_input_size)
+  return random_variables(key)
 
 
 @functools.partial(jax.jit, static_argnums=2)

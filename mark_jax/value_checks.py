@@ -53,6 +53,14 @@ zero_or_network_size = check(
 )
 
 
+def zero_or_min_int(minimum: int, zero: str) -> Check:
+  """0 (meaning `zero`) or an integer >= minimum."""
+  return check(
+    lambda v: _is_int(v) and (v == 0 or v >= minimum),
+    f"must be 0 ({zero}) or an integer >= {minimum}",
+  )
+
+
 def min_int(minimum: int) -> Check:
   """An integer >= minimum."""
   return check(lambda v: _is_int(v) and v >= minimum, f"must be an integer >= {minimum}")

@@ -57,6 +57,7 @@ LONGEST_FIRST = (
   "test_devices.py",
   "test_multihost.py",
   "test_resnet18.py",
+  "test_imagenet.py",
   "test_reliability.py",
   "test_prepare.py",
   "test_feature_statistics.py",

@@ -5,7 +5,15 @@ import dataclasses
 import ml_collections
 import pytest
 
-from configs import cifar100, digits, miniimagenet, miniimagenet32_cpu, miniimagenet_resnet18, smoke
+from configs import (
+  cifar100,
+  digits,
+  imagenet,
+  miniimagenet,
+  miniimagenet32_cpu,
+  miniimagenet_resnet18,
+  smoke,
+)
 from mark_jax import config_checks, shapes
 from mark_jax.data import facts
 
@@ -28,7 +36,8 @@ def with_values(config: ml_collections.ConfigDict, **values) -> ml_collections.C
 
 
 @pytest.mark.parametrize(
-  "module", [cifar100, miniimagenet, smoke, digits, miniimagenet32_cpu, miniimagenet_resnet18]
+  "module",
+  [cifar100, miniimagenet, smoke, digits, miniimagenet32_cpu, miniimagenet_resnet18, imagenet],
 )
 def test_shipped_configs_are_valid(module):
   assert config_checks.validate(module.get_config()) == []
@@ -94,7 +103,7 @@ RULE_CASES = [
   case("synthetic.image_size", 8, "must be an integer >= 12"),
   case("synthetic.seed", -3, "must be an integer in [0, 2**32)"),
   # Known names.
-  case("dataset", "cifar10", "must be one of: cifar100, digits, miniimagenet, synthetic"),
+  case("dataset", "cifar10", "must be one of: cifar100, digits, imagenet, miniimagenet, synthetic"),
   case("mask_activation", "tanh", "must be one of: relu, sigmoid"),
   case("conv_impl", "cuda", "must be one of: auto, native, patches"),
   case("meta_sign", "reptile", "must be one of: authors, paper"),
@@ -203,10 +212,10 @@ def test_valid_edge_values_pass():
 
 
 def test_unknown_dataset_skips_dataset_rules():
-  config = with_values(cifar100.get_config(), dataset="imagenet", classes_per_task=7)
+  config = with_values(cifar100.get_config(), dataset="imagenet21k", classes_per_task=7)
   problems = config_checks.validate(config)
   assert len(problems) == 1
-  assert problems[0].startswith("--config.dataset='imagenet'")
+  assert problems[0].startswith("--config.dataset='imagenet21k'")
 
 
 def test_synthetic_settings_are_ignored_for_other_datasets():

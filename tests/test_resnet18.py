@@ -201,7 +201,7 @@ def test_bad_file_is_one_data_error(kind, checkpoint, tmp_path):
 
 
 def test_random_variables_give_finite_features():
-  variables = resnet18.random_variables(jax.random.key(0), input_size=64)
+  variables = resnet18.random_variables(jax.random.key(0))  # any image size: here 64
   kernel = variables["params"]["layer3_0"]["conv1"]["kernel"]
   assert kernel.shape == (3, 3, 128, 256)
   assert abs(float(kernel.std()) - (2.0 / (3 * 3 * 256)) ** 0.5) < 2e-3
@@ -221,6 +221,13 @@ def test_preprocess_shape_and_normalisation(height, width):
   black = resnet18.preprocess(np.zeros((1, height, width, 3), np.uint8), input_size=48)
   expected = -np.asarray(facts.IMAGENET_MEAN) / np.asarray(facts.IMAGENET_STD)
   np.testing.assert_allclose(black, np.broadcast_to(expected, black.shape), rtol=1e-6)
+
+
+def test_preprocess_at_size_zero_only_standardises():
+  images = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+  out = np.asarray(resnet18.preprocess(images, input_size=0))
+  expected = (images / 255.0 - np.asarray(facts.IMAGENET_MEAN)) / np.asarray(facts.IMAGENET_STD)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_preprocess_keeps_the_centre():

@@ -167,5 +167,6 @@ def test_cli_reports_a_bad_dataset_in_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-2:] == [
     "error: the config has 1 problem(s):",
-    "  --config.dataset='nope': must be one of: cifar100, digits, miniimagenet, synthetic",
+    "  --config.dataset='nope': must be one of: "
+    "cifar100, digits, imagenet, miniimagenet, synthetic",
   ]

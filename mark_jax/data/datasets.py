@@ -122,6 +122,15 @@ def _miniimagenet(config) -> tuple[Split, Split]:
   return _load_tfds("mark_miniimagenet", config.data_dir, False, how_to_get, encoded=True)
 
 
+def _imagenet(config) -> tuple[Split, Split]:
+  how_to_get = (
+    "ImageNet cannot be downloaded automatically: with ILSVRC2012 as train/<wnid>/ + "
+    "val/<wnid>/ folders, run `python -m mark_jax.data prepare imagenet --source PATH`, with "
+    "--data_dir equal to --config.data_dir."
+  )
+  return _load_tfds("mark_imagenet", config.data_dir, False, how_to_get, encoded=True)
+
+
 def _synthetic(config) -> tuple[Split, Split]:
   spec = config.synthetic
   return synthetic_splits(
@@ -166,6 +175,7 @@ def _digits(config) -> tuple[Split, Split]:
 LOADERS: dict[str, Callable] = {
   "cifar100": _cifar100,
   "digits": _digits,
+  "imagenet": _imagenet,
   "miniimagenet": _miniimagenet,
   "synthetic": _synthetic,
 }

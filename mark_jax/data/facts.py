@@ -40,6 +40,9 @@ FACTS = {
   "cifar100": DatasetFacts("cifar100", 100, 500, 32, CIFAR_MEAN, CIFAR_STD),
   # 600 images of each class, the first 500 of them train (mark_jax.data.tfds_builders).
   "miniimagenet": DatasetFacts("miniimagenet", 100, 500, 84, IMAGENET_MEAN, IMAGENET_STD),
+  # ILSVRC2012 as the authors load it: 1,000 class folders (at least 732 training images
+  # each), every image resized to 128 on its shorter side and centre-cropped to 114.
+  "imagenet": DatasetFacts("imagenet", 1000, 732, 114, IMAGENET_MEAN, IMAGENET_STD),
   # scikit-learn's 8x8 digits, enlarged to 32x32: at least 174 images of each class, a
   # seeded 120 of them train, the rest (about 32%) test.
   "digits": DatasetFacts("digits", 10, 120, 32, None, None),

@@ -1,7 +1,7 @@
 """`python -m mark_jax.data prepare DATASET --source PATH`: the real datasets, offline.
 
 Builds the TFDS dataset (array_record) that training reads from a local copy of
-CIFAR-100 or MiniImageNet (mark_jax.data.tfds_builders).
+CIFAR-100, MiniImageNet or ImageNet (mark_jax.data.tfds_builders).
 """
 
 import argparse
@@ -14,16 +14,20 @@ from mark_jax.runtime.errors import DataError
 
 # Local copies that `prepare` turns into TFDS datasets: our name -> builder class in
 # mark_jax.data.tfds_builders (imported only when preparing: it loads tensorflow_datasets).
-PREPARABLE = {"cifar100": "MarkCifar100", "miniimagenet": "MarkMiniimagenet"}
+PREPARABLE = {
+  "cifar100": "MarkCifar100",
+  "imagenet": "MarkImagenet",
+  "miniimagenet": "MarkMiniimagenet",
+}
 
 
 def prepare(dataset: str, source: str, data_dir: str | None, verify_md5: bool = True) -> str:
   """Builds the TFDS dataset (array_record) of `dataset` from a local copy.
 
   Args:
-    dataset: 'cifar100' or 'miniimagenet'.
+    dataset: 'cifar100', 'miniimagenet' or 'imagenet'.
     source: cifar100: the official cifar-100-python.tar.gz or its extracted folder;
-      miniimagenet: a folder in one of the layouts of mark_jax.data.tfds_builders.
+      miniimagenet, imagenet: a folder in a layout of mark_jax.data.tfds_builders.
     data_dir: TFDS data_dir to write to (None: TFDS's default).
     verify_md5: check CIFAR-100's official md5 sums (switch off only for test archives).
 
@@ -41,6 +45,8 @@ def prepare(dataset: str, source: str, data_dir: str | None, verify_md5: bool = 
   source_path = os.path.abspath(source)
   if not os.path.exists(source_path):
     raise DataError(f"{source}: no such file or directory")
+  if os.path.isdir(source_path) and not os.listdir(source_path):
+    raise DataError(f"{source}: an empty folder")
   builder = builder_class(
     data_dir=data_dir or None, file_format="array_record", verify_md5=verify_md5
   )
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     required=True,
     help="cifar100: cifar-100-python.tar.gz or its extracted folder; miniimagenet: a folder "
     "with train/<wnid>/*.jpg + val/<wnid>/*.jpg, train.pkl + test.pkl, or "
-    "mini-imagenet-cache-{train,val,test}.pkl",
+    "mini-imagenet-cache-{train,val,test}.pkl; imagenet: a folder with train/<wnid>/ + "
+    "val/<wnid>/ (ILSVRC2012, validation regrouped by class)",
   )
   prepare_parser.add_argument(
     "--data_dir", default=None, help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)"

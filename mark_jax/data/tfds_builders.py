@@ -17,7 +17,12 @@ keeps in memory (beyond it, it spills to disk through TensorFlow).
   `class_dict`), whose 100 classes are pooled and cut into the first 500 images of each
   class for train and the rest for test. Pickles are read through `safe_pickle`.
 
-Both builders take `verify_md5`: the CIFAR-100 md5 check can be switched off only by
+- `mark_imagenet`: ILSVRC2012 from class folders `train/<wnid>/*` + `val/<wnid>/*` (the
+  authors' layout; `val` is the test split), each image turned RGB, resized to 128 on its
+  shorter side and centre-cropped to 114 as the authors' transform does, stored as a
+  lossless PNG; examples are streamed one file at a time, in order (no shuffling buffer).
+
+Every builder takes `verify_md5`: the CIFAR-100 md5 check can be switched off only by
 passing `verify_md5=False` (the `prepare` command's `--noverify_md5`), for test archives.
 """
 
@@ -69,15 +74,17 @@ def check_md5(path: epath.Path, expected: str) -> None:
     )
 
 
-def _features(image: tfds.features.Tensor) -> tfds.features.FeaturesDict:
+def _features(
+  image: tfds.features.Tensor, num_classes: int = NUM_CLASSES
+) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(
-    {"image": image, "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}
+    {"image": image, "label": tfds.features.ClassLabel(num_classes=num_classes)}
   )
 
 
 def decode_image(data: bytes, source: str) -> np.ndarray:
   """An encoded image (JPEG, PNG) as a uint8 RGB array."""
-  from PIL import Image  # Only MiniImageNet's encoded images need Pillow.
+  from PIL import Image  # Only the encoded images (MiniImageNet, ImageNet) need Pillow.
 
   try:
     with Image.open(io.BytesIO(data)) as image:
@@ -327,3 +334,91 @@ def _read_cache_pickles(paths: list[epath.Path]):
       splits[split][0].append(part)
       splits[split][1].append(np.full(len(part), label, np.int64))
   return {split: (np.concatenate(x), np.concatenate(y)) for split, (x, y) in splits.items()}
+
+
+IMAGENET = FACTS["imagenet"]
+IMAGENET_RESIZE = 128  # the authors' Resize(128) before CenterCrop(114)
+
+
+def authors_imagenet_crop(image: np.ndarray) -> np.ndarray:
+  """torchvision's Resize(128) (bilinear, on the PIL image) then CenterCrop(114)."""
+  from PIL import Image
+
+  height, width = image.shape[:2]
+  short = IMAGENET_RESIZE
+  size = (
+    (short, int(short * height / width))
+    if width <= height
+    else (int(short * width / height), short)
+  )
+  resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+  crop = IMAGENET.image_size
+  top = int(round((resized.shape[0] - crop) / 2.0))
+  left = int(round((resized.shape[1] - crop) / 2.0))
+  return resized[top : top + crop, left : left + crop]
+
+
+class MarkImagenet(_LocalBuilder):
+  """ILSVRC2012's 1,000 classes at the authors' 114x114, from class folders."""
+
+  name = "mark_imagenet"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Class folders, resized and centre-cropped as the authors, as PNG."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Put ILSVRC2012 in the manual directory as train/<wnid>/*.JPEG + val/<wnid>/*.JPEG (the "
+    "validation images regrouped into class folders), or run "
+    "`python -m mark_jax.data prepare imagenet --source PATH`."
+  )
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    encoded = tfds.features.Tensor(shape=(), dtype=np.object_)
+    return self.dataset_info_from_configs(
+      features=_features(encoded, IMAGENET.num_classes),
+      homepage="https://image-net.org/challenges/LSVRC/2012/",
+      disable_shuffling=True,  # streamed in order: no buffer of 1.3M images in memory
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    source = epath.Path(dl_manager.manual_dir)
+    if (source / "ILSVRC2012").is_dir():  # the authors' data_dir holds ILSVRC2012/
+      source = source / "ILSVRC2012"
+    class_names = imagenet_classes(source)
+    return {
+      "train": self._stream_class_folders(source / "train", class_names),
+      "test": self._stream_class_folders(source / "val", class_names),
+    }
+
+  def _stream_class_folders(self, folder: epath.Path, class_names: list[str]) -> Iterator:
+    """(key, example) of every file of each class folder, labelled by the sorted classes."""
+    index = 0
+    for label, name in enumerate(class_names):
+      files = sorted(p for p in (folder / name).iterdir() if p.is_file())
+      if not files:
+        raise DataError(f"{folder / name}: no images (every class needs images in train and val)")
+      for path in files:
+        image = authors_imagenet_crop(decode_image(path.read_bytes(), str(path)))
+        yield index, {"image": encode_png(image), "label": label}
+        index += 1
+
+
+def imagenet_classes(source: epath.Path) -> list[str]:
+  """The sorted class folders (wnids) of an ILSVRC2012 copy; DataError for another layout."""
+  train, val = source / "train", source / "val"
+  if not (train.is_dir() and val.is_dir()):
+    raise DataError(f"{source}: expected ILSVRC2012 as train/<wnid>/ and val/<wnid>/ folders")
+  class_names = sorted(p.name for p in train.iterdir() if p.is_dir())
+  if len(class_names) != IMAGENET.num_classes:
+    raise DataError(
+      f"{train}: expected {IMAGENET.num_classes} class folders, found {len(class_names)}"
+    )
+  val_names = sorted(p.name for p in val.iterdir() if p.is_dir())
+  if val_names != class_names:
+    flat = not val_names and any(p.is_file() for p in val.iterdir())
+    hint = (
+      ": the official validation images come in one folder; regroup them into class "
+      "folders (one per wnid, as train/) first"
+      if flat
+      else ""
+    )
+    raise DataError(f"{val}: its class folders are not those of train/{hint}")
+  return class_names

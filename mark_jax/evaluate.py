@@ -72,8 +72,10 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   test = programs_lib.device_test_data(config, mesh, benchmark.tasks)
   accuracy = phases.make_accuracy_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
   evaluate_all = programs_lib.make_evaluate_all(accuracy, config.use_masks)
-  accuracy = np.asarray(evaluate_all(run_state["knowledge_base"], run_state["tasks"], test))
   seen = task % len(benchmark.tasks) + 1  # checkpoints count tasks over all passes
+  accuracy = np.asarray(
+    jax.jit(evaluate_all)(run_state["knowledge_base"], run_state["tasks"], test, seen)
+  )
   return {
     "workdir": str(workdir),
     "task": task,

@@ -12,7 +12,9 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mark_jax import metalearning
 from mark_jax import phases as phases_lib
@@ -42,7 +44,7 @@ class Programs:
       axis it takes the runs' stacked round settings as a sixth argument.
     accuracy: a model's accuracy on weighted examples.
     mask_statistics: the masks' largest value and the masked latent's norm.
-    evaluate_all: every task's test accuracy with its own F, M, C and one KB.
+    evaluate_all: the test accuracy of every task seen, with its own F, M, C and one KB.
     runs: the number of runs on the leading axis, None for a single run.
     per_run: `per_run(fn, in_axes=0)` maps a single-run function over the runs (jax.vmap),
       or returns it unchanged for a single run.
@@ -70,19 +72,31 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 
 def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
-  """`(knowledge_base, tasks, test) -> accuracy per task`, vmapped over the tasks (not jitted).
+  """`(knowledge_base, tasks, test, seen) -> accuracy per task` (not jitted).
+
+  The tasks are evaluated one after another (lax.map: one task's batch in memory at a
+  time, where a vmap over 20 tasks held them all at once), and those from index `seen` on,
+  not trained yet, are skipped (accuracy 0). `seen` is an input, not a constant: one
+  program serves every task.
 
   Args:
     accuracy: a model's accuracy on weighted examples (phases.make_accuracy_fn).
     use_masks: whether the models apply their masks.
   """
 
-  def evaluate_all(knowledge_base, tasks, test):
-    def one(task, inputs, labels, weights):
+  def evaluate_all(knowledge_base, tasks, test, seen):
+    def one(xs):
+      index, task, inputs, labels, weights = xs
       model = {**task, "knowledge_base": knowledge_base}
-      return accuracy(model, inputs, labels, weights, use_masks)
+      return lax.cond(
+        index < seen,
+        lambda: accuracy(model, inputs, labels, weights, use_masks),
+        lambda: jnp.zeros((), jnp.float32),
+      )
 
-    return jax.vmap(one)(tasks, model_inputs(test), test["label"], test["weight"])
+    labels = test["label"]
+    indices = jnp.arange(labels.shape[0])
+    return lax.map(one, (indices, tasks, model_inputs(test), labels, test["weight"]))
 
   return evaluate_all
 
@@ -132,7 +146,7 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
     meta_round=jax.jit(per_run(meta_round), donate_argnums=0),
     accuracy=jax.jit(per_run(accuracy, (0, 0, 0, 0, None)), static_argnums=4),
     mask_statistics=jax.jit(per_run(phases_lib.make_mask_statistics_fn(nets, mean, std))),
-    evaluate_all=jax.jit(per_run(make_evaluate_all(accuracy, use_masks))),
+    evaluate_all=jax.jit(per_run(make_evaluate_all(accuracy, use_masks), (0, 0, 0, None))),
     runs=runs,
     per_run=per_run,
   )

@@ -324,7 +324,7 @@ def _train_together(
       ahead = resume.ahead(t)
       run_state = mark.train_task(run, t, run_state, [b.tasks[t] for b in benchmarks], settings)
       seen = np.asarray(
-        programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test)
+        programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test, t + 1)
       )
       for r in range(num_runs):
         if r in ahead:  # its lane copied another run's: nothing to keep

@@ -169,7 +169,7 @@ def train_and_evaluate(
         run_state = mark.train_task(run, t, run_state, benchmark.tasks[t])
         with run.timer("evaluation of the seen tasks"):
           seen = np.asarray(
-            programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test)
+            programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test, t + 1)
           )
         accuracy[trained, : t + 1] = seen[: t + 1]
         elapsed = wall_seconds()

@@ -29,7 +29,7 @@ from mark_jax import programs as programs_lib
 benchmark, run, state = fresh_run(tiny_config())
 state = mark.train_task(run, 0, state, benchmark.tasks[0])
 test = programs_lib.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
-accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
+accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test, 1)
 leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state["knowledge_base"])]
 print(json.dumps({{"devices": jax.device_count(), "mesh": dict(run.programs.mesh.shape),
                   "accuracy": float(accuracy[0]), "kb": leaves}}))
@@ -83,7 +83,7 @@ def test_nothing_recompiles_between_tasks():
   with lowered_programs() as lowered:
     for t in range(len(benchmark.tasks)):
       state = mark.train_task(run, t, state, benchmark.tasks[t])
-      evaluated = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test)
+      evaluated = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test, t + 1)
       jax.block_until_ready(evaluated)
       counts.append(len(lowered))
   assert counts[0] > 0  # the listener does see compilations

@@ -17,6 +17,16 @@ def _networks(config_module, image_size, conv_impl="patches", **overrides):
   return models.Networks(config, image_size, num_classes=5)
 
 
+@pytest.fixture(scope="module")
+def cifar_kb():
+  """(networks, KB variables, two images, the KB's apply) of configs/cifar100.py, the KB's
+  init and apply each one compiled program (op by op, XLA compiles every operation alone)."""
+  nets = _networks(cifar100, 32)
+  kb = jax.jit(nets.init_knowledge_base)(jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  return nets, kb, images, jax.jit(nets.knowledge_base.apply, static_argnames="train")
+
+
 @pytest.mark.parametrize(
   "config_module, size, latent, flatten",
   [(cifar100, 32, 128, 2 * 2 * 256), (miniimagenet, 84, 256, 7 * 7 * 256)],
@@ -42,7 +52,7 @@ def test_output_shapes(config_module, size, latent, flatten):
 
 def test_feature_extractor_flatten_sizes():
   for module, size, flatten in ((cifar100, 32, 1152), (miniimagenet, 84, 1800)):
-    task = _networks(module, size).init_task(jax.random.PRNGKey(0))
+    task = jax.eval_shape(_networks(module, size).init_task, jax.random.PRNGKey(0))
     assert task["feature_extractor"]["params"]["Dense_0"]["kernel"].shape[0] == flatten
 
 
@@ -63,64 +73,60 @@ def test_initialisation_follows_pytorch_bounds():
   assert float(jnp.max(jnp.abs(kernel))) > 0.09  # uniform over the whole range, not normal(0, .)
 
 
-def test_zero_mask_zeroes_its_channel():
+def test_zero_mask_zeroes_its_channel(cifar_kb):
   """Masking channel c of block 1 equals removing channel c from that convolution."""
-  nets = _networks(cifar100, 32)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
-  masks = list(models.ones_masks(4, nets.kb_channels))
+  nets, kb, images, apply = cifar_kb
+  ones = models.ones_masks(len(images), nets.kb_channels)
+  masks = list(ones)
   masks[0] = masks[0].at[:, 5].set(0.0)
-  masked = nets.knowledge_base.apply(kb, images, tuple(masks), train=False)
+  masked = apply(kb, images, tuple(masks), train=False)
   pruned = jax.tree.map(lambda a: a, kb)
   conv = pruned["params"]["Conv_0"]
   conv["kernel"] = conv["kernel"].at[..., 5].set(0.0)
   conv["bias"] = conv["bias"].at[5].set(0.0)
-  unmasked = nets.knowledge_base.apply(
-    pruned, images, models.ones_masks(4, nets.kb_channels), train=False
-  )
+  unmasked = apply(pruned, images, ones, train=False)
   np.testing.assert_allclose(masked, unmasked, rtol=1e-5, atol=1e-6)
-  full = nets.knowledge_base.apply(kb, images, models.ones_masks(4, nets.kb_channels), train=False)
+  full = apply(kb, images, ones, train=False)
   assert not np.allclose(full, masked)
 
 
 @pytest.mark.parametrize("block", [0, 1, 2])
-def test_zero_block_mask_cuts_the_input_off(block):
-  nets = _networks(cifar100, 32)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  masks = list(models.ones_masks(2, nets.kb_channels))
+def test_zero_block_mask_cuts_the_input_off(cifar_kb, block):
+  nets, kb, images, apply = cifar_kb
+  ones = models.ones_masks(len(images), nets.kb_channels)
+  masks = list(ones)
   masks[block] = jnp.zeros_like(masks[block])
-  out = nets.knowledge_base.apply(kb, images, tuple(masks), train=False)
+  out = apply(kb, images, tuple(masks), train=False)
   np.testing.assert_array_equal(out[0], out[1])  # nothing of the image gets through
-  ones = nets.knowledge_base.apply(kb, images, models.ones_masks(2, nets.kb_channels), train=False)
-  assert not np.allclose(ones[0], ones[1])
+  ones_out = apply(kb, images, ones, train=False)
+  assert not np.allclose(ones_out[0], ones_out[1])
 
 
 def test_masks_are_per_example_and_bias_init_switch():
   default = _networks(cifar100, 32)
   ones_bias = _networks(cifar100, 32, mask_bias_init=1.0)
   features = jnp.zeros((2, 128))
-  params = ones_bias.mask_generator.init(jax.random.PRNGKey(0), features)
-  for mask in ones_bias.mask_generator.apply(params, features):
+  params = jax.jit(ones_bias.mask_generator.init)(jax.random.PRNGKey(0), features)
+  for mask in jax.jit(ones_bias.mask_generator.apply)(params, features):
     np.testing.assert_allclose(mask, 1.0)  # relu(0 @ W + 1) = 1
-  params = default.mask_generator.init(jax.random.PRNGKey(0), features)
-  first = default.mask_generator.apply(params, features)[0]
+  params = jax.jit(default.mask_generator.init)(jax.random.PRNGKey(0), features)
+  apply = jax.jit(default.mask_generator.apply)
+  first = apply(params, features)[0]
   assert float(jnp.max(first)) < 1.0 / np.sqrt(128) + 1e-6
   two = jax.random.normal(jax.random.PRNGKey(3), (2, 128))
-  per_example = default.mask_generator.apply(params, two)[0]
+  per_example = apply(params, two)[0]
   assert not np.allclose(per_example[0], per_example[1])
 
 
-def test_dropout_only_in_training():
-  nets = _networks(cifar100, 32)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  masks = models.ones_masks(2, nets.kb_channels)
-  apply = lambda train, key: nets.knowledge_base.apply(  # noqa: E731
-    kb, images, masks, train=train, rngs={"dropout": jax.random.PRNGKey(key)}
-  )
-  np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
-  assert not np.allclose(apply(True, 0), apply(True, 1))
+def test_dropout_only_in_training(cifar_kb):
+  nets, kb, images, apply = cifar_kb
+  masks = models.ones_masks(len(images), nets.kb_channels)
+
+  def run(train, key):
+    return apply(kb, images, masks, train=train, rngs={"dropout": jax.random.PRNGKey(key)})
+
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  assert not np.allclose(run(True, 0), run(True, 1))
 
 
 def test_conv_impl_auto_picks_patches_on_cpu():
@@ -152,15 +158,14 @@ def test_crop_for_pool_keeps_the_pooled_values(shape, kernel):
   np.testing.assert_allclose(block(cropped), block(x), rtol=1e-6, atol=1e-6)
 
 
-def test_knowledge_base_forms_agree():
+def test_knowledge_base_forms_agree(cifar_kb):
   """The whole KB gives the same outputs with native and CPU-friendly ops."""
-  images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
-  native, patches = _networks(cifar100, 32, "native"), _networks(cifar100, 32, "patches")
-  kb = native.init_knowledge_base(jax.random.PRNGKey(0))
-  masks = models.ones_masks(3, native.kb_channels)
+  patches, kb, images, apply = cifar_kb
+  native = _networks(cifar100, 32, "native")
+  masks = models.ones_masks(len(images), patches.kb_channels)
   np.testing.assert_allclose(
-    native.knowledge_base.apply(kb, images, masks, train=False),
-    patches.knowledge_base.apply(kb, images, masks, train=False),
+    jax.jit(native.knowledge_base.apply, static_argnames="train")(kb, images, masks, train=False),
+    apply(kb, images, masks, train=False),
     rtol=1e-4,
     atol=1e-5,
   )

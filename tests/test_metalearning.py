@@ -94,6 +94,18 @@ def round_config(**overrides):
   return tiny_config(inner_steps=4, mini_tasks=2, **overrides)
 
 
+def round_inputs(config) -> tuple:
+  """(nets, KB, task variables, images, labels): fresh variables of `config`'s networks (each
+  init one compiled program) and the 100 synthetic training images of 5 classes."""
+  nets = models.Networks(config, 32, 5)
+  kb = jax.jit(nets.init_knowledge_base)(jax.random.PRNGKey(0))
+  task = jax.jit(nets.init_task)(jax.random.PRNGKey(1))
+  train, _ = datasets.synthetic_splits(
+    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
+  )
+  return nets, kb, task, jnp.asarray(train.images), jnp.asarray(train.labels)
+
+
 def as_arrays(settings: dict) -> dict:
   return {k: jnp.float32(v) for k, v in settings.items()}
 
@@ -102,14 +114,8 @@ def as_arrays(settings: dict) -> dict:
 def test_vmapped_round_equals_a_loop_over_the_mini_tasks(accuracy_batch):
   config = round_config(meta_accuracy_batch=accuracy_batch)
   config.conv_impl = "patches"
-  nets = models.Networks(config, 32, 5)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  task = nets.init_task(jax.random.PRNGKey(1))
-  train, _ = datasets.synthetic_splits(
-    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
-  )
+  nets, kb, task, images, labels = round_inputs(config)
   settings = as_arrays(metalearning.round_settings(config))
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
   args = (task, images, labels, jax.random.PRNGKey(2), settings)
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   vmapped = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
@@ -127,13 +133,7 @@ def test_vmapped_round_equals_a_loop_over_the_mini_tasks(accuracy_batch):
 
 def test_settings_given_as_arrays_equal_settings_compiled_in():
   config = round_config(meta_step_size=0.05, meta_sign="authors")
-  nets = models.Networks(config, 32, 5)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  task = nets.init_task(jax.random.PRNGKey(1))
-  train, _ = datasets.synthetic_splits(
-    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
-  )
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  nets, kb, task, images, labels = round_inputs(config)
   settings = metalearning.round_settings(config)
   assert settings["meta_scale"] == pytest.approx(-1 / config.mini_tasks)
   meta_round = metalearning.make_meta_round(nets, config, facts.CIFAR_MEAN, facts.CIFAR_STD)
@@ -156,19 +156,14 @@ def test_settings_given_as_arrays_equal_settings_compiled_in():
 def test_hot_state_round_is_finite_only_with_the_inner_clip(inner_grad_clip):
   # A "hot" state: mask generators whose bias makes every mask about 10 (the three blocks
   # scale the KB's latent by about 1000), and fresh heads, as the digits run met it when
-  # its masks had grown to 18-27 and the first inner loss was about 10.
-  config = tiny_config(
-    mask_bias_init=10.0, inner_steps=10, inner_learning_rate=0.01, inner_grad_clip=inner_grad_clip
+  # its masks had grown to 18-27 and the first inner loss was about 10. An inner step size
+  # of 0.05 makes the unclipped round diverge within round_config()'s 4 steps.
+  config = round_config(
+    mask_bias_init=10.0, inner_learning_rate=0.05, inner_grad_clip=inner_grad_clip
   )
-  nets = models.Networks(config, 32, 5)
-  kb = nets.init_knowledge_base(jax.random.PRNGKey(0))
-  task = nets.init_task(jax.random.PRNGKey(1))
-  train, _ = datasets.synthetic_splits(
-    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
-  )
+  nets, kb, task, images, labels = round_inputs(config)
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   meta_round = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
   settings = as_arrays(metalearning.round_settings(config))
   _, metrics = meta_round(kb, task, images, labels, jax.random.PRNGKey(2), settings)
   assert float(metrics["first_inner_loss"]) > 20  # hot indeed

@@ -30,6 +30,8 @@ from mark_jax import train
 from mark_jax.data import datasets, facts, prepare, safe_pickle, tfds_builders
 from mark_jax.runtime.errors import DataError
 
+from tiny import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "miniimagenet_sample")
 NUM_CLASSES = tfds_builders.NUM_CLASSES
@@ -108,7 +110,10 @@ class _Python2Pickler(pickle._Pickler):
     self.memoize(obj)
 
 
-CIFAR_PER_CLASS = {"train": 2, "test": 1}
+# tiny_config()'s images per class: a run on the copy trains the programs of the reference.
+CIFAR_PER_CLASS = {
+  split: tiny_config().synthetic[f"{split}_per_class"] for split in ("train", "test")
+}
 
 
 def _write_cifar_batch(path, split: str, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -197,23 +202,9 @@ def cifar_server(cifar_copy, monkeypatch):
 def test_cifar100_downloads_through_tfds_and_trains(cifar_copy, cifar_server, tmp_path):
   """--config.download=True with no local copy: TFDS's download manager fetches the archive
   from the (local) URL, the builder checks its md5 sums and prepares it, and a run trains."""
-  config = cifar100.get_config()
-  overrides = dict(
-    data_dir=str(tmp_path / "tfds"),
-    download=True,
-    max_tasks=2,
-    validation_fraction=0.1,
-    batch_size=4,
-    eval_batch_size=5,
-    epochs=1,
-    meta_rounds=1,
-    mini_tasks=2,
-    inner_steps=2,
-    kb_channels=(16, 32, 64),
-    cpu_devices=0,
+  config = tiny_config(
+    dataset="cifar100", data_dir=str(tmp_path / "tfds"), download=True, max_tasks=2, epochs=1
   )
-  for key, value in overrides.items():
-    config[key] = value
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["tasks_completed"] == 2
   downloaded = list((tmp_path / "tfds" / "downloads").rglob("*cifar-100-python*"))

@@ -18,7 +18,7 @@ def _snapshot(tree):
 def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance():
   config = tiny_config()
   nets = Networks(config, 32, 5)
-  variables = nets.init_task(jax.random.PRNGKey(0))["feature_extractor"]
+  variables = jax.jit(nets.init_task)(jax.random.PRNGKey(0))["feature_extractor"]
   images = jax.random.uniform(jax.random.PRNGKey(1), (24, 32, 32, 3))
   mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   batch_size = 8  # three full batches
@@ -27,12 +27,16 @@ def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance()
 
   # The first BN layer's input does not depend on the batch: its recomputed mean is the
   # mean over every image and position, its variance the mean of the batches' variances.
-  _, captured = nets.feature_extractor.apply(
-    variables,
-    models.normalize(images, mean, std),
-    train=False,
-    capture_intermediates=True,
-  )
+  @jax.jit  # one compiled program, not one per operation
+  def intermediates(variables, images):
+    return nets.feature_extractor.apply(
+      variables,
+      models.normalize(images, mean, std),
+      train=False,
+      capture_intermediates=True,
+    )[1]
+
+  captured = intermediates(variables, images)
   conv = np.asarray(captured["intermediates"]["Conv_0"]["__call__"][0])
   np.testing.assert_allclose(
     stats["BatchNorm_0"]["mean"], conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5

@@ -8,7 +8,7 @@ from mark_jax import mark, models, phases
 from mark_jax import programs as programs_lib
 from mark_jax.models import Networks
 
-from tiny import fresh_run, task_model, tiny_config
+from tiny import fresh_run, run_key, task_model, tiny_config
 
 
 def _snapshot(tree):
@@ -60,7 +60,7 @@ def test_masks_phase_updates_feature_statistics_only_in_batch_mode(run_of_mode):
   model = task_model(run_state, 1)
   before = _snapshot(model["feature_extractor"])
   device_data = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
-  after = mark.train_phase(run, "masks", model, device_data, jax.random.PRNGKey(0), 1)
+  after = mark.train_phase(run, "masks", model, device_data, run_key(run, 0), 1)
   for x, y in zip(
     jax.tree.leaves(before["params"]),
     jax.tree.leaves(after["feature_extractor"]["params"]),
@@ -82,11 +82,11 @@ def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(run_of_mode
   mode, benchmark, run, run_state = run_of_mode
   model = task_model(run_state, 0)
   device_data = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[0])
-  trained = mark.train_feature_extractor(run, model, device_data, jax.random.PRNGKey(3), 0)
+  trained = mark.train_feature_extractor(run, model, device_data, run_key(run, 3), 0)
   recomputed = run.programs.feature_statistics(
     {"params": trained["params"], "batch_stats": trained["batch_stats"]},
     device_data["train_image"],
-    jax.random.PRNGKey(4),
+    run_key(run, 4),
   )
   # With any batch order the recomputed means agree (the first layer's exactly); the
   # running averages of the phase lag behind the trained weights.

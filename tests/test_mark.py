@@ -7,7 +7,7 @@ import pytest
 from mark_jax import mark
 from mark_jax import programs as programs_lib
 
-from tiny import fresh_run, task_model, tiny_config
+from tiny import fresh_run, run_key, task_model, tiny_config
 
 
 def _snapshot(tree):
@@ -35,7 +35,7 @@ def test_phase_trains_exactly_its_parameters(tiny, phase):
   model = task_model(state, 1)
   before = _snapshot(model)
   data_on_device = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
-  after = mark.train_phase(run, phase, model, data_on_device, jax.random.PRNGKey(0), 1)
+  after = mark.train_phase(run, phase, model, data_on_device, run_key(run, 0), 1)
   trainable = run.programs.phases[phase].trainable
   assert set(after) == set(before)
   for name in before:
@@ -50,7 +50,7 @@ def test_feature_phase_trains_weights_and_batch_statistics(tiny):
   model = task_model(state, 0)
   before = _snapshot(model["feature_extractor"])
   data_on_device = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[0])
-  after = mark.train_feature_extractor(run, model, data_on_device, jax.random.PRNGKey(0), 0)
+  after = mark.train_feature_extractor(run, model, data_on_device, run_key(run, 0), 0)
   assert _changed(before["params"], after["params"])
   assert _changed(before["batch_stats"], after["batch_stats"])
 

@@ -140,6 +140,16 @@ def fresh_run(config):
   return benchmark, mark.Run(config, programs), run_state
 
 
+def run_key(run, seed: int):
+  """A PRNG key placed on the run's mesh, as a run places its keys: a phase given it runs
+  the programs a run compiled (a key on one device alone makes programs of its own)."""
+  import jax
+
+  from mark_jax.runtime import devices
+
+  return devices.replicate(jax.random.PRNGKey(seed), run.programs.mesh)
+
+
 def task_model(run_state, t: int) -> dict:
   """A copy of task t's F/M/C with the KB (phases donate what they train)."""
   import jax

@@ -227,7 +227,7 @@ def test_preprocess_shape_and_normalisation(height, width):
 
 def test_preprocess_at_size_zero_only_standardises():
   images = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
-  out = np.asarray(resnet18.preprocess(images, input_size=0))
+  out = np.asarray(_preprocess(images, input_size=0))
   expected = (images / 255.0 - np.asarray(facts.IMAGENET_MEAN)) / np.asarray(facts.IMAGENET_STD)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 

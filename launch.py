@@ -15,6 +15,7 @@ program (mark_jax.runs; each run in DIR/meta_step_size=<value>/seed_<seed>):
 """
 
 import os
+import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -151,8 +152,8 @@ def main(argv):
       run_many(_CONFIG.value, _WORKDIR.value, seeds, _SWEEP.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except jax.errors.JaxRuntimeError as error:
-    if jax.process_count() == 1:
+  except (jax.errors.JaxRuntimeError, ValueError) as error:
+    if jax.process_count() == 1 or not _failed_collective(error):
       raise
     # A collective failed: another process of the group stopped or lost its connection.
     raise errors.TrainingError(
@@ -160,6 +161,20 @@ def main(argv):
       "run has stopped; relaunch every process with the same command to resume after the "
       "last saved task"
     ) from None
+
+
+# How the runtime's statuses begin; device_put's cross-process check re-raises one as a
+# ValueError (e.g. "UNKNOWN: Gloo AllGather failed: ... Connection reset by peer").
+_RUNTIME_STATUS = re.compile(
+  r"(UNKNOWN|INTERNAL|UNAVAILABLE|ABORTED|CANCELLED|DEADLINE_EXCEEDED): "
+)
+
+
+def _failed_collective(error: Exception) -> bool:
+  """Whether `error` is the runtime's report of a failed operation across processes."""
+  import jax
+
+  return isinstance(error, jax.errors.JaxRuntimeError) or bool(_RUNTIME_STATUS.match(str(error)))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def _batch(task: TaskData, batch_size: int) -> dict:
 
 def run(config, repeats: int, time_task: bool) -> dict:
   """Measures everything the module docstring lists; returns a JSON-ready dict."""
-  if config.get("feature_extractor", "cnn") != "cnn":
+  if config.feature_extractor != "cnn":
     raise errors.ConfigError(
       "the benchmark times the phases of F^t's CNN: run it with --config.feature_extractor=cnn"
     )

@@ -297,7 +297,7 @@ class Networks:
     )
     self.head = Head(num_classes)
     self.image_shape = (image_size, image_size, 3)
-    self.cached_features = model_config.get("feature_extractor", "cnn") == "resnet18"
+    self.cached_features = model_config.feature_extractor == "resnet18"
     # F^t in training mode (batch statistics) while M^t, C^t and the KB train.
     self.masks_from_batch_statistics = (
       model_config.feature_bn_statistics == "batch" and not self.cached_features

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny import ROOT, damage_checkpoint, launch_command, tiny_flags, wait_until
+from tiny import ROOT, damage_checkpoint, launch_command, read_results, tiny_flags, wait_until
 
 SCRIPT = ROOT / "scripts" / "multihost_local.sh"
 
@@ -28,10 +28,6 @@ def _launch(workdir: Path, env: dict, log) -> subprocess.Popen:
   """Starts the script; every line of both processes goes to the file `log`."""
   command = ["bash", str(SCRIPT), str(workdir), "--config", "configs/smoke.py", *tiny_flags()]
   return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _results(workdir: Path) -> dict:
-  return json.loads((workdir / "results.json").read_text())
 
 
 def _assert_close(results: dict, reference: dict) -> None:
@@ -88,4 +84,4 @@ def test_two_processes_resume_a_damaged_run_and_a_killed_process_stops_the_other
   assert completed.returncode == 0, completed.stderr[-3000:]
   assert "Resuming after task 1" in completed.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == ["0", "1", "2"]
-  _assert_close(_results(workdir), reference.results)  # one device: equal up to rounding
+  _assert_close(read_results(workdir), reference.results)  # one device: equal up to rounding

@@ -5,7 +5,6 @@ features; mark_jax itself reads the checkpoints without them.
 """
 
 import collections
-import json
 import os
 import pickle
 import re
@@ -16,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from mark_jax import models, resnet18, state, train
+from mark_jax import models, programs, resnet18, state, train
 from mark_jax.data import datasets, facts
-from mark_jax.runtime import checkpointing, devices
+from mark_jax.runtime import checkpointing
 from mark_jax.runtime.errors import ConfigError, DataError
 
-from tiny import read_results, tiny_config
+from tiny import epoch_losses, read_results, tiny_config
 
 _features = jax.jit(resnet18.ResNet18().apply)
 # One compiled program per image shape (op by op, XLA compiles every operation alone).
@@ -251,14 +250,6 @@ def _resnet18_config(**overrides):
   return tiny_config(feature_extractor="resnet18", resnet18_input_size=_RUN_INPUT_SIZE, **overrides)
 
 
-def _losses(workdir, phase: str) -> list[float]:
-  return [
-    r["loss"]
-    for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-    if r.get("phase") == phase and "loss" in r
-  ]
-
-
 @pytest.fixture(scope="module")
 def resnet18_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
   """Workdirs of tiny_config() with a ResNet-18 F: read from `checkpoint`, and random
@@ -278,15 +269,16 @@ def test_a_resnet18_run_finishes_without_feature_phases_and_its_masks_train(resn
   workdir = resnet18_runs[name]
   results = read_results(workdir)
   assert results["tasks_completed"] == 3 and np.isfinite(results["acc"])
-  assert _losses(workdir, "feature_extractor") == []  # F is frozen: no phase of its own
-  masks = _losses(workdir, "masks")  # 5 epochs per task
+  assert epoch_losses(workdir, "feature_extractor") == []  # F is frozen: no phase of its own
+  masks = epoch_losses(workdir, "masks")  # 5 epochs per task
   firsts, lasts = masks[::5], masks[4::5]
   assert np.mean(lasts) < np.mean(firsts), masks
-  run_state, _, _ = checkpointing.restore(
-    checkpointing.manager(workdir / "checkpoints"),
-    2,
-    state.abstract(models.Networks(_resnet18_config(), 32, 5), 0, 3, devices.make_mesh(4, 16)),
-  )
+  config = _resnet18_config()  # shapes only: abstract_state would load data and weights
+  nets = models.Networks(config, _SYNTHETIC_SIZE, config.classes_per_task)
+  mesh = programs.make_mesh(config)
+  abstract = state.abstract(nets, config.seed, results["tasks_completed"], mesh)
+  mngr = checkpointing.manager(workdir / "checkpoints")
+  run_state, _, _ = checkpointing.restore(mngr, results["tasks_completed"] - 1, abstract)
   assert set(run_state["tasks"]) == {"mask_generator", "head"}
 
 

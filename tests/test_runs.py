@@ -18,9 +18,11 @@ from tiny import (
   abstract_state,
   checkpoint_digests,
   damage_checkpoint,
+  epoch_losses,
   kill_after_first_checkpoint,
   launch_command,
   lowered_programs,
+  read_results,
   tiny_config,
   tiny_flags,
 )
@@ -29,12 +31,8 @@ KILL_SEED = 3
 
 
 def _matrix(workdir) -> np.ndarray:
-  rows = json.loads((Path(workdir) / "results.json").read_text())["accuracy_matrix"]
+  rows = read_results(workdir)["accuracy_matrix"]
   return np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
-
-
-def _results(workdir) -> dict:
-  return json.loads((Path(workdir) / "results.json").read_text())
 
 
 def _train(config, workdir: Path, seeds, sweeps=()) -> list[Path]:
@@ -42,15 +40,6 @@ def _train(config, workdir: Path, seeds, sweeps=()) -> list[Path]:
   dirs = [workdir / folder for folder, _ in planned]
   runs.train_and_evaluate_runs([c for _, c in planned], [str(d) for d in dirs])
   return dirs
-
-
-def _losses(workdir, task: int, phase: str) -> list[float]:
-  """The epoch losses of one phase of one task, from the run's metrics.jsonl."""
-  with open(Path(workdir) / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
-  return [
-    r["loss"] for r in records if (r.get("task"), r.get("phase")) == (task, phase) and "loss" in r
-  ]
 
 
 SEEDS = [49, 48]  # the reference's seed as run 1
@@ -73,27 +62,31 @@ def diverging_runs(tmp_path_factory) -> tuple[list[Path], list[dict]]:
   0.01 and 1e12 (which diverges) as one program; one epoch per phase."""
   workdir = tmp_path_factory.mktemp("diverging")
   dirs = _train(DIVERGING, workdir, [0], ["inner_learning_rate=0.01,1e12"])
-  return dirs, [_results(d) for d in dirs]
+  return dirs, [read_results(d) for d in dirs]
 
 
 def test_runs_in_one_program_equal_each_run_alone(reference, seed_runs):
   alone = reference.workdir
   _, dirs, _ = seed_runs
   assert [d.name for d in dirs] == [f"seed_{seed}" for seed in SEEDS]
-  together = _results(dirs[1])
+  together = read_results(dirs[1])
   assert together["config"]["seed"] == reference.results["config"]["seed"]
-  assert abs(together["acc"] - _results(alone)["acc"]) <= 0.02
+  assert abs(together["acc"] - read_results(alone)["acc"]) <= 0.02
   assert np.nanmax(np.abs(_matrix(dirs[1]) - _matrix(alone))) <= 0.05
   # Before rounding differences have been amplified by training, the numbers agree closely.
   for phase in ("feature_extractor", "kb_pretrain"):
-    np.testing.assert_allclose(_losses(dirs[1], 0, phase), _losses(alone, 0, phase), rtol=1e-4)
+    np.testing.assert_allclose(
+      epoch_losses(dirs[1], phase, 0), epoch_losses(alone, phase, 0), rtol=1e-4
+    )
   for d in dirs:  # each run's workdir is a complete single-run workdir
-    assert _results(d)["tasks_completed"] == 3
+    assert read_results(d)["tasks_completed"] == 3
     steps = sorted(p.name for p in (d / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == ["0", "1", "2"]
     assert (d / "config.json").exists() and (d / "tensorboard").is_dir()
   # Different seeds cut different classes into their tasks: the runs are not copies.
-  assert _losses(dirs[0], 0, "feature_extractor") != _losses(dirs[1], 0, "feature_extractor")
+  assert epoch_losses(dirs[0], "feature_extractor", 0) != epoch_losses(
+    dirs[1], "feature_extractor", 0
+  )
 
 
 def _kb(run_dir: Path, task: int) -> list:
@@ -114,7 +107,7 @@ def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(seed_runs,
   (frozen, _), _ = diverging_runs
   moved = seed_runs[1][0]  # the default step, 0.001
   for d, step in ((frozen, 0.0), (moved, 0.001)):
-    assert _results(d)["config"]["meta_step_size"] == step
+    assert read_results(d)["config"]["meta_step_size"] == step
     first, last = _kb(d, 0), _kb(d, 2)
     same = all(np.array_equal(a, b) for a, b in zip(first, last, strict=True))
     assert same == (step == 0.0), d
@@ -183,8 +176,8 @@ def test_a_diverging_run_stops_alone(diverging_runs, tmp_path):
   shutil.rmtree(copies[0] / "checkpoints" / "2")
   again = _train(DIVERGING, workdir, [0], ["inner_learning_rate=0.01,1e12"])
   assert again == copies
-  assert _results(copies[1]) == diverged
-  assert _results(copies[0])["accuracy_matrix"] == healthy["accuracy_matrix"]
+  assert read_results(copies[1]) == diverged
+  assert read_results(copies[0])["accuracy_matrix"] == healthy["accuracy_matrix"]
 
 
 def test_seeds_cross_every_swept_value_in_folders_named_by_the_values():

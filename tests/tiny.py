@@ -192,6 +192,17 @@ def read_results(workdir: Path) -> dict:
   return json.loads((Path(workdir) / "results.json").read_text())
 
 
+def epoch_losses(workdir: Path, phase: str, task: int | None = None) -> list[float]:
+  """The epoch losses of one phase (of every task, or of `task`) from metrics.jsonl."""
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  return [
+    r["loss"]
+    for r in records
+    if r.get("phase") == phase and "loss" in r and task in (None, r.get("task"))
+  ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
   """An uninterrupted run of tiny_config(): workdir, results.json, checkpoint digests."""

@@ -251,7 +251,7 @@ def _cut(config, train: Split, test: Split, num_classes: int, mean, std) -> Benc
       raise DataError(
         f"{where}: --config.validation_fraction={config.validation_fraction} holds out no image"
       )
-  if config.get("feature_extractor", "cnn") == "resnet18":
+  if config.feature_extractor == "resnet18":
     from mark_jax import resnet18  # JAX, needed here only for a frozen ResNet-18's features
 
     tasks = resnet18.with_features(tasks, config)

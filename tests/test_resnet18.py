@@ -5,6 +5,7 @@ features; mark_jax itself reads the checkpoints without them.
 """
 
 import collections
+import gc
 import os
 import pickle
 import re
@@ -28,11 +29,27 @@ _preprocess = jax.jit(resnet18.preprocess, static_argnames="input_size")
 _IMAGES = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
 
 
+def _import_torchvision():
+  """torchvision, imported with the garbage collector off.
+
+  Python 3.11's import lock breaks (a KeyError in importlib._bootstrap, cpython gh-91351) when
+  a collection during an import runs a finalizer that imports too; torch's long import met
+  one from earlier tests' garbage in CI.
+  """
+  gc.collect()
+  gc.disable()
+  try:
+    import torchvision
+  finally:
+    gc.enable()
+  return torchvision
+
+
 @pytest.fixture(scope="module")
 def torch_model():
   """A seeded random torchvision resnet18 in eval mode, with non-trivial batch norms."""
+  torchvision = _import_torchvision()
   import torch
-  import torchvision
 
   torch.manual_seed(0)
   model = torchvision.models.resnet18(weights=None).eval()

@@ -304,17 +304,11 @@ def _train_together(
         return None
       return walls[r] + time.perf_counter() - start_time
 
-    # Wall times as saved until a task is trained (train.train_and_evaluate); the results of
-    # runs ahead are left as they are.
+    # Each run's results as its checkpoints hold them (a kill between a checkpoint and its
+    # results leaves them a task behind), wall times as saved until a task is trained
+    # (train.train_and_evaluate); runs stopped in an earlier launch keep theirs.
     results = [
-      train.write_results(
-        w,
-        c,
-        a,
-        resume.latest[r] + 1,
-        walls[r],
-        is_writer and r not in resume.ahead(resume.first_task),
-      )
+      train.write_results(w, c, a, resume.latest[r] + 1, walls[r], is_writer and r not in stopped)
       for r, (w, c, a) in enumerate(zip(workdirs, configs, accuracy, strict=True))
     ]
     for t in range(resume.first_task, num_tasks):
@@ -342,9 +336,10 @@ def _train_together(
             )
           continue
         accuracy[r][t, : t + 1] = seen[r, : t + 1]
-        checkpointing.save(mngrs[r], t, state.unstack(run_state, r), accuracy[r], wall_seconds(r))
+        wall = wall_seconds(r)  # one figure in the checkpoint and in results.json
+        checkpointing.save(mngrs[r], t, state.unstack(run_state, r), accuracy[r], wall)
         results[r] = train.write_results(
-          workdirs[r], configs[r], accuracy[r], t + 1, wall_seconds(r), is_writer
+          workdirs[r], configs[r], accuracy[r], t + 1, wall, is_writer
         )
         train.write_test_scalars(writer.writers[r], t, t, seen[r], results[r])
       logging.info(

@@ -141,10 +141,13 @@ def _files(run_dir: Path) -> dict[str, bytes]:
   return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("lost", ["task_2", "every_task", "task_2_and_a_damaged_task_1"])
+@pytest.mark.parametrize(
+  "lost", ["task_2", "every_task", "task_2_and_a_damaged_task_1", "task_2_and_results_ahead"]
+)
 def test_runs_saved_at_different_tasks_resume_together(seed_runs, tmp_path, lost):
   """A run behind (it lost checkpoints, or one is damaged) catches up with the run ahead,
-  whose files stay as they were; both end as uninterrupted."""
+  whose files stay as its checkpoints hold them (a results.json one task behind them, left
+  by a kill between the two writes, is brought up to them); both end as uninterrupted."""
   reference_dir, reference_dirs, _ = seed_runs
   workdir = tmp_path / "copy"
   shutil.copytree(reference_dir, workdir)
@@ -154,6 +157,11 @@ def test_runs_saved_at_different_tasks_resume_together(seed_runs, tmp_path, lost
   if lost == "task_2_and_a_damaged_task_1":
     damage_checkpoint(behind / "checkpoints" / "1")
   files_ahead = _files(ahead)
+  if lost == "task_2_and_results_ahead":  # as they were before task 2 was written
+    stale = read_results(ahead)
+    stale.update(tasks_completed=2, wall_seconds=stale["wall_seconds"] / 2)
+    stale["accuracy_matrix"][2] = [None, None, None]
+    (ahead / "results.json").write_text(json.dumps(stale))
   dirs = _train(tiny_config(), workdir, SEEDS)
   assert dirs == [ahead, behind]
   assert _files(ahead) == files_ahead

@@ -663,6 +663,15 @@ def test_non_pickle_file_is_a_data_error_naming_it(tmp_path, content):
     safe_pickle.load(f, str(path))
 
 
+def test_pickle_cut_inside_an_array_is_a_data_error_naming_it(tmp_path):
+  data = pickle.dumps({"data": np.zeros((4, 84, 84, 3), np.uint8), "fine_labels": [0] * 4})
+  path = tmp_path / "train.pkl"
+  path.write_bytes(data[: len(data) // 2])
+  with open(path, "rb") as f, pytest.raises(DataError) as error:
+    safe_pickle.load(f, str(path))
+  assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_non_pickle_file_is_reported_as_unreadable_not_as_crafted(tmp_path):
   path = tmp_path / "train.pkl"
   path.write_bytes(tfds_builders.encode_png(_IMAGES[0]))

@@ -56,6 +56,28 @@ def test_metrics_go_to_jsonl_and_tensorboard(reference):
     assert json.load(f)["dataset"] == "synthetic"
 
 
+_WRITE_WITHOUT_TORCH = """
+import sys
+from mark_jax.runtime import logs
+writer = logs.MetricWriter({workdir!r})
+writer.write("test", 0, {{"acc": 0.5}}, phase="test")
+writer.close()
+print(sys.modules.get("torch", "never imported"))
+"""
+
+
+def test_metrics_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (only to accept its tensors): a run
+  must not pay for that import, and a later `import torch` of the user must still work."""
+  code = _WRITE_WITHOUT_TORCH.format(workdir=str(tmp_path))
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["never", "imported"]
+  assert _events(str(tmp_path / "tensorboard")) == [("test/acc", 0, 0.5)]
+
+
 def test_evaluate_reproduces_the_recorded_accuracies(reference):
   workdir, results = str(reference.workdir), reference.results
   latest = evaluate.evaluate(workdir)

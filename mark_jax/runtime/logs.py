@@ -117,6 +117,22 @@ class PhaseProgress:
     self.close()
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported lazily (only writing runs need it) and without
+  torch: tensorboardX imports torch whenever it is installed, only to accept its tensors,
+  and a run would wait for that whole import. A torch imported earlier stays as it is."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # its optional `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes records such as {'task': 3, 'phase': 'masks', 'epoch': 2, 'loss': 0.5}.
 
@@ -132,10 +148,8 @@ class MetricWriter:
     self.jsonl = self.tensorboard = None
 
   def _open(self) -> None:
-    from tensorboardX import SummaryWriter  # Imported lazily: only writing runs need it.
-
     self.jsonl = (self.workdir / METRICS_FILE).open("a")
-    self.tensorboard = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
+    self.tensorboard = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR))
 
   def write(self, tag: str, step: int, scalars: dict[str, float], **context) -> None:
     """Writes `scalars` as TensorBoard scalars `tag/name` at `step`, and one JSON line.

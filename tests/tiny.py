@@ -121,11 +121,11 @@ def kill_after_first_checkpoint(
   """
   wait_for_checkpoint(process, run_dirs, 0)
   time.sleep(random.Random(seed).uniform(0.0, 1.0))
-  saved = sorted(int(p.name) for p in (run_dirs[0] / "checkpoints").iterdir() if p.name.isdigit())
   assert process.poll() is None, "finished before the kill"
   process.kill()
   assert process.wait() == -signal.SIGKILL
-  return saved
+  # Listed once the process is dead: no save can land between the listing and the kill.
+  return sorted(int(p.name) for p in (run_dirs[0] / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def fresh_run(config):

@@ -22,6 +22,9 @@ limit="${2:-0}"
 shift $(($# < 2 ? $# : 2))
 mkdir -p "$out"
 work="$(mktemp -d)"
+# Three processes share the device: each takes memory as it needs it, instead of JAX's
+# default of most of the device's memory for the first one.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"

@@ -78,6 +78,43 @@ def test_metrics_are_written_without_importing_torch(tmp_path):
   assert _events(str(tmp_path / "tensorboard")) == [("test/acc", 0, 0.5)]
 
 
+_IGNORED_EXCEPTION = """
+import gc
+import threading
+from mark_jax.runtime import errors
+
+class Leftover:  # as a background task's coroutine, collected after its read failed
+  def __del__(self):
+    raise OSError("read error")
+
+def fail():
+  raise RuntimeError("Event loop is closed")
+
+def main(argv):
+  Leftover()
+  gc.collect()
+  thread = threading.Thread(target=fail, name="reader")
+  thread.start()
+  thread.join()
+  print("still running")
+
+errors.run_or_exit(main)
+"""
+
+
+def test_exceptions_python_ignores_are_one_line_not_a_traceback():
+  """Raised in a finalizer or a background thread: logged in one line, the run goes on."""
+  result = subprocess.run(
+    [sys.executable, "-c", _IGNORED_EXCEPTION], cwd=ROOT, capture_output=True, text=True
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "still running", result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  (line,) = [line for line in result.stderr.splitlines() if "read error" in line]
+  assert "OSError" in line and "Leftover.__del__" in line
+  (line,) = [line for line in result.stderr.splitlines() if "Event loop is closed" in line]
+  assert "RuntimeError" in line and "reader" in line
+
+
 def test_evaluate_reproduces_the_recorded_accuracies(reference):
   workdir, results = str(reference.workdir), reference.results
   latest = evaluate.evaluate(workdir)

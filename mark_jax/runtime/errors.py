@@ -2,8 +2,9 @@
 
 import re
 import sys
+import threading
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 class UserError(Exception):
@@ -81,6 +82,23 @@ def missing_key_message(error: AttributeError, argv: list[str]) -> str:
   return f"{flag}: the config has no key {key!r}{hint}"
 
 
+def _log_ignored(unraisable) -> None:
+  """One warning line for an exception Python can only ignore (raised in a finalizer, e.g.
+  a library's background read left behind by an error the run handled), not a traceback."""
+  where = getattr(unraisable.object, "__qualname__", None) or repr(unraisable.object)
+  error = unraisable.exc_value
+  message = one_line(error) if error is not None else ""
+  logging.warning("ignored %s in %s: %s", unraisable.exc_type.__name__, where, message)
+
+
+def _log_thread_error(args) -> None:
+  """One warning line for an exception that ended a background thread (a library's), not
+  a traceback; the run itself goes on or fails as it would."""
+  message = one_line(args.exc_value) if args.exc_value is not None else ""
+  name = args.thread.name if args.thread is not None else "?"
+  logging.warning("thread %s stopped with %s: %s", name, args.exc_type.__name__, message)
+
+
 def run_or_exit(main, config_flag=None) -> None:
   """absl's `app.run(main)`, with every mistake a user can make as one line on stderr.
 
@@ -107,6 +125,8 @@ def run_or_exit(main, config_flag=None) -> None:
     return remaining
 
   def guarded_main(argv):
+    sys.unraisablehook = _log_ignored
+    threading.excepthook = _log_thread_error
     try:
       main(argv)
     except app.UsageError as error:

@@ -105,7 +105,11 @@ errors.run_or_exit(main)
 def test_exceptions_python_ignores_are_one_line_not_a_traceback():
   """Raised in a finalizer or a background thread: logged in one line, the run goes on."""
   result = subprocess.run(
-    [sys.executable, "-c", _IGNORED_EXCEPTION], cwd=ROOT, capture_output=True, text=True
+    [sys.executable, "-c", _IGNORED_EXCEPTION],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert result.returncode == 0 and result.stdout.strip() == "still running", result.stderr
   assert "Traceback" not in result.stderr, result.stderr

@@ -82,21 +82,23 @@ def missing_key_message(error: AttributeError, argv: list[str]) -> str:
   return f"{flag}: the config has no key {key!r}{hint}"
 
 
+def _named(exc_type, exc_value) -> str:
+  """'Type: message' of an exception as hooks receive it (the value may be missing)."""
+  return f"{exc_type.__name__}: {one_line(exc_value) if exc_value is not None else ''}"
+
+
 def _log_ignored(unraisable) -> None:
   """One warning line for an exception Python can only ignore (raised in a finalizer, e.g.
   a library's background read left behind by an error the run handled), not a traceback."""
   where = getattr(unraisable.object, "__qualname__", None) or repr(unraisable.object)
-  error = unraisable.exc_value
-  message = one_line(error) if error is not None else ""
-  logging.warning("ignored %s in %s: %s", unraisable.exc_type.__name__, where, message)
+  logging.warning("ignored %s in %s", _named(unraisable.exc_type, unraisable.exc_value), where)
 
 
 def _log_thread_error(args) -> None:
   """One warning line for an exception that ended a background thread (a library's), not
   a traceback; the run itself goes on or fails as it would."""
-  message = one_line(args.exc_value) if args.exc_value is not None else ""
   name = args.thread.name if args.thread is not None else "?"
-  logging.warning("thread %s stopped with %s: %s", name, args.exc_type.__name__, message)
+  logging.warning("thread %s stopped with %s", name, _named(args.exc_type, args.exc_value))
 
 
 def run_or_exit(main, config_flag=None) -> None:

@@ -45,22 +45,26 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_max_size", CACHE_SIZE_LIMIT)
 
 
-# The files whose tests take longest, longest first (results/test_suite/): pytest-xdist
-# (--dist loadfile --no-loadscope-reorder) hands out files in this order, so the long ones
-# start at once and short ones fill the end. test_runs.py first makes the reference while
-# the other worker runs README's command, which needs none.
+# The files whose tests take longest, longest first (their summed times in
+# results/test_suite/ci_run_316552b_durations.log): pytest-xdist (--dist loadfile
+# --no-loadscope-reorder) hands out files in this order, so the long ones start at once and
+# short ones fill the end. test_runs.py first makes the reference while the other worker
+# runs README's command, which needs none.
 LONGEST_FIRST = (
   "test_runs.py",
   "test_digits_run.py",
-  "test_metalearning.py",
-  "test_experience.py",
-  "test_devices.py",
   "test_multihost.py",
-  "test_resnet18.py",
-  "test_imagenet.py",
-  "test_reliability.py",
+  "test_devices.py",
   "test_prepare.py",
+  "test_resnet18.py",
+  "test_metalearning.py",
+  "test_reliability.py",
+  "test_bench.py",
+  "test_experience.py",
+  "test_train.py",
   "test_feature_statistics.py",
+  "test_models.py",
+  "test_report.py",
 )
 
 

@@ -6,6 +6,8 @@ the suite starts (pytest-xdist's workers, launch.py, the multi-host script) load
 earlier one compiled, and the tenth launch of the same program compiles nothing.
 """
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,7 +17,7 @@ import filelock
 import jax
 import pytest
 
-from tiny import Reference, checkpoint_digests, read_results, tiny_config
+from tiny import Reference, checkpoint_digests, lowered_programs, read_results, tiny_config
 
 CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
 CACHE_SIZE_LIMIT = 16 * 2**30  # bytes: far above what the suite writes (tiny_config: ~1 MB)
@@ -102,7 +104,8 @@ def _session_dir(tmp_path_factory) -> Path:
 def reference(tmp_path_factory) -> Reference:
   """The session's one in-process run of tiny_config(), read by every test comparing to it.
 
-  The first worker that needs it trains it; the others wait for it and read it.
+  The first worker that needs it trains it, counting the programs lowered by the end of
+  each task (kept in reference.finished); the others wait for it and read it.
   """
   from mark_jax import train
 
@@ -111,9 +114,23 @@ def reference(tmp_path_factory) -> Reference:
   with filelock.FileLock(f"{workdir}.lock"):
     if not finished.exists():
       shutil.rmtree(workdir, ignore_errors=True)
-      train.train_and_evaluate(tiny_config(), str(workdir))
-      finished.touch()
-  return Reference(workdir, read_results(workdir), checkpoint_digests(workdir))
+      lowered_by_task = []
+      with lowered_programs() as lowered:
+
+        @contextlib.contextmanager
+        def count_lowered_by_task(part):
+          yield
+          if part == "task":
+            lowered_by_task.append(len(lowered))
+
+        train.train_and_evaluate(tiny_config(), str(workdir), timer=count_lowered_by_task)
+      finished.write_text(json.dumps(lowered_by_task))
+  return Reference(
+    workdir,
+    read_results(workdir),
+    checkpoint_digests(workdir),
+    json.loads(finished.read_text()),
+  )
 
 
 @pytest.fixture

@@ -205,11 +205,13 @@ def epoch_losses(workdir: Path, phase: str, task: int | None = None) -> list[flo
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """An uninterrupted run of tiny_config(): workdir, results.json, checkpoint digests."""
+  """An uninterrupted run of tiny_config(): workdir, results.json, checkpoint digests, and
+  how many programs its process had lowered when each task ended (evaluated, saved)."""
 
   workdir: Path
   results: dict
   digests: dict[int, str]
+  lowered_by_task: list[int]
 
   def assert_matches(self, workdir: Path) -> None:
     """Asserts that `workdir` ended with the same numbers and checkpointed states."""

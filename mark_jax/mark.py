@@ -21,7 +21,7 @@ from absl import logging
 from mark_jax import phases as phases_lib
 from mark_jax import state
 from mark_jax.programs import Programs, device_data
-from mark_jax.runtime import devices, logs, signals
+from mark_jax.runtime import logs, signals
 from mark_jax.runtime.errors import TrainingError
 
 
@@ -146,10 +146,7 @@ def run_phase(run: Run, name, params, frozen, data, rng, *, task, step, model_st
   def epoch(phase_state, i):
     return epoch_fn(phase_state, frozen, data["train_image"], data["train_label"], fold_in(rng, i))
 
-  init_state = programs.per_run(lambda p, m: phases_lib.init_state(programs.phases[name], p, m))
-  # Placed as the epoch returns it: with runs on a leading axis, the state built outside jit
-  # has no sharding yet, and the epoch would compile once more for its own output.
-  phase_state = devices.replicate(init_state(params, model_state), programs.mesh)
+  phase_state = programs.init_phase_states[name](params, model_state)
   with run.timer(f"{step} epochs"):
     phase_state = run_loop(
       run,
@@ -166,7 +163,7 @@ def run_phase(run: Run, name, params, frozen, data, rng, *, task, step, model_st
 
 def feature_phase_inputs(programs: Programs, model: dict, rng) -> tuple[dict, dict, dict]:
   """(params, frozen, batch statistics) of F^t's phase: F^t and a fresh probe head."""
-  fe, probe = model["feature_extractor"], programs.per_run(programs.nets.init_head)(rng)
+  fe, probe = model["feature_extractor"], programs.init_probe(rng)
   return {"feature_extractor": fe["params"], "probe": probe}, {}, fe["batch_stats"]
 
 
@@ -187,7 +184,7 @@ def phase_inputs(phase: phases_lib.Phase, model: dict) -> tuple[dict, dict, dict
 
 def train_feature_extractor(run: Run, model, data, rng, task) -> dict:
   """Step 1: trains F^t with a throw-away linear probe; returns F^t's new variables."""
-  probe_key, phase_key = run.programs.per_run(lambda key: tuple(jax.random.split(key)))(rng)
+  probe_key, phase_key = run.programs.per_run(split_in_two)(rng)
   params, frozen, batch_stats = feature_phase_inputs(run.programs, model, probe_key)
   params, batch_stats = run_phase(
     run,
@@ -268,6 +265,13 @@ def metalearn(run: Run, t, model, data, rng, settings=None):
     )
 
 
+@jax.jit
+def split_in_two(key) -> tuple:
+  """Two keys from one."""
+  return tuple(jax.random.split(key))
+
+
+@jax.jit
 def task_keys(run_key) -> tuple:
   """(the run's next key, the keys of task's five steps by name)."""
   rng, task_key = jax.random.split(run_key)

@@ -38,7 +38,10 @@ class Programs:
     nets: the networks (mark_jax.models.Networks).
     mesh: the devices' ('mini_tasks', 'batch') mesh.
     phases: the gradient-descent phases by name (mark_jax.phases.make_phases).
+    init_phase_states: each phase's jitted `(params, model_state) -> step state` (a fresh
+      optimiser), placed as its epoch returns the state.
     epoch_fns: one jitted epoch of each phase.
+    init_probe: F^t's throw-away linear probe from a key (jitted).
     feature_statistics: F^t's batch-norm statistics recomputed over a task's images.
     meta_round: one jitted metalearning round `(kb, task, images, labels, rng)`; with a run
       axis it takes the runs' stacked round settings as a sixth argument.
@@ -53,7 +56,9 @@ class Programs:
   nets: Networks
   mesh: jax.sharding.Mesh
   phases: dict
+  init_phase_states: dict
   epoch_fns: dict
+  init_probe: Callable
   feature_statistics: Callable
   meta_round: Callable
   accuracy: Callable
@@ -131,6 +136,15 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
     nets=nets,
     mesh=mesh,
     phases=phases,
+    # Placed as the epochs return it: with runs on a leading axis, a state without that
+    # sharding would make each epoch compile once more for its own output.
+    init_phase_states={
+      name: jax.jit(
+        per_run(functools.partial(phases_lib.init_state, phase)),
+        out_shardings=devices.replicated(mesh),
+      )
+      for name, phase in phases.items()
+    },
     epoch_fns={
       name: jax.jit(
         per_run(phases_lib.make_epoch_fn(phase, config.batch_size, shard_batch)),
@@ -138,6 +152,7 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
       )
       for name, phase in phases.items()
     },
+    init_probe=jax.jit(per_run(nets.init_head)),
     feature_statistics=jax.jit(
       per_run(
         phases_lib.make_feature_statistics_fn(nets, config.batch_size, mean, std, shard_batch)

@@ -50,9 +50,10 @@ def stack(states: list):
   return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *states)
 
 
-def unstack(tree, index: int):
-  """Entry `index` of a pytree stacked on a leading axis."""
-  return jax.tree.map(lambda leaf: leaf[index], tree)
+@jax.jit
+def unstack(tree, index):
+  """Entry `index` of a pytree stacked on a leading axis (one program for every index)."""
+  return jax.tree.map(lambda leaf: lax.dynamic_index_in_dim(leaf, index, keepdims=False), tree)
 
 
 def abstract(nets: Networks, seed: int, num_tasks: int, mesh):
@@ -66,10 +67,7 @@ def size_bytes(abstract_state) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
 
 
-@jax.jit
-def task_slot(tasks, t):
-  """Task t's variables out of the stacked per-task pytree."""
-  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, keepdims=False), tasks)
+task_slot = unstack  # task t's variables out of the stacked per-task pytree
 
 
 @functools.partial(jax.jit, donate_argnums=0)

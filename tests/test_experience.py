@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from configs import ablations, cifar100
 from mark_jax import config_checks, evaluate
@@ -24,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _events(directory: str) -> list:
   """Every scalar (tag, step, value) in the TensorBoard event files under `directory`."""
+  from tensorboardX.proto import event_pb2  # here: tensorboardX imports torch (seconds)
+
   scalars = []
   for name in os.listdir(directory):
     with open(os.path.join(directory, name), "rb") as f:

@@ -1,14 +1,19 @@
 """A run's compiled functions, built once: `build_programs(config, benchmark)`.
 
 Every function that a task's steps call is compiled here, so nothing recompiles between
-tasks. Built with `runs=R`, each function takes and returns a leading run axis instead
+tasks, and a later run in the same process whose programs would be the same (another seed,
+other loop counts) reuses them: it neither traces nor loads anything again.
+
+Built with `runs=R`, each function takes and returns a leading run axis instead
 (jax.vmap over R runs that share the networks' shapes: seeds and the step sizes of
 metalearning.SETTINGS), and the round's step sizes become an input (one value per run)
 instead of constants compiled in.
 """
 
+import collections
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 
 import jax
@@ -106,8 +111,25 @@ def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
   return evaluate_all
 
 
+# Config keys that no compiled function reads: the seed makes keys (inputs), the epochs and
+# rounds are loop counts. Every other key is part of the programs' signature.
+NOT_COMPILED = ("seed", "epochs", "meta_rounds")
+KEPT_PROGRAMS = 8  # the programs of this many signatures stay built in a process
+_built: collections.OrderedDict = collections.OrderedDict()
+
+
+def signature(config, benchmark, runs: int | None) -> tuple:
+  """What a run's programs are built from: the config but NOT_COMPILED, the data's image
+  size, classes per task and normalisation, the run axis. (Array shapes need not be in it:
+  a jitted function compiles again for new ones.)"""
+  settings = {k: v for k, v in config.to_dict().items() if k not in NOT_COMPILED}
+  facts = (benchmark.image_size, benchmark.classes_per_task, benchmark.mean, benchmark.std)
+  return json.dumps(settings, sort_keys=True, default=repr), repr(facts), runs
+
+
 def build_programs(config, benchmark, runs: int | None = None) -> Programs:
-  """The networks, mesh and jitted functions of a run of `config` on `benchmark`.
+  """The networks, mesh and jitted functions of a run of `config` on `benchmark`: those
+  of an earlier run in this process with the same signature, else new ones.
 
   Args:
     config: the run config (of any of the runs: they share everything but seeds and
@@ -115,6 +137,22 @@ def build_programs(config, benchmark, runs: int | None = None) -> Programs:
     benchmark: the data's shapes and normalisation (mark_jax.data.datasets.Benchmark).
     runs: R to compile every function over a leading axis of R runs; None for one run.
   """
+  key = signature(config, benchmark, runs)
+  if key not in _built:
+    _built[key] = new_programs(config, benchmark, runs)
+    if len(_built) > KEPT_PROGRAMS:
+      _built.popitem(last=False)
+  _built.move_to_end(key)
+  return _built[key]
+
+
+def forget_programs() -> None:
+  """Drops every built program: the next run traces and compiles (or loads) its own."""
+  _built.clear()
+
+
+def new_programs(config, benchmark, runs: int | None = None) -> Programs:
+  """build_programs without reuse."""
   nets = Networks(config, benchmark.image_size, benchmark.classes_per_task, runs is not None)
   mean, std = benchmark.mean, benchmark.std
   mesh = make_mesh(config)

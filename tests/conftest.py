@@ -107,13 +107,14 @@ def reference(tmp_path_factory) -> Reference:
   The first worker that needs it trains it, counting the programs lowered by the end of
   each task (kept in reference.finished); the others wait for it and read it.
   """
-  from mark_jax import train
+  from mark_jax import programs, train
 
   workdir = _session_dir(tmp_path_factory) / "reference"
   finished = workdir.with_name("reference.finished")
   with filelock.FileLock(f"{workdir}.lock"):
     if not finished.exists():
       shutil.rmtree(workdir, ignore_errors=True)
+      programs.forget_programs()  # its own programs, lowered (and counted) by this run
       lowered_by_task = []
       with lowered_programs() as lowered:
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mark_jax import runs
+from mark_jax import programs, runs
 from mark_jax.runtime import checkpointing
 from mark_jax.runtime.errors import ConfigError
 
@@ -51,6 +51,7 @@ def seed_runs(tmp_path_factory) -> tuple[Path, list[Path], list[str]]:
   """(workdir, run dirs, names of the programs lowered) of tiny_config() with two seeds as
   one program, uninterrupted."""
   workdir = tmp_path_factory.mktemp("seeds")
+  programs.forget_programs()  # its own programs, lowered (and counted) by this run
   with lowered_programs() as lowered:
     dirs = _train(tiny_config(), workdir, SEEDS)
   return workdir, dirs, lowered

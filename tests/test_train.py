@@ -17,7 +17,7 @@ from mark_jax import train
 from mark_jax.data import datasets
 from mark_jax.runtime import checkpointing, errors
 
-from tiny import abstract_state, checkpoint_digests, fresh_run, tiny_config
+from tiny import abstract_state, checkpoint_digests, fresh_run, lowered_programs, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,13 +40,20 @@ def test_tiny_run_learns(reference):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "1", "2"]
 
 
-def test_resume_after_interruption_equals_uninterrupted(reference, copy_workdir):
+def test_resume_after_interruption_equals_uninterrupted(reference, copy_workdir, tmp_path):
+  """Resumed in a process where a run of another seed and epoch count ran first: the resumed
+  run reuses that run's programs (it lowers no phase program) and ends as the reference,
+  whose programs were built afresh, bit for bit."""
   workdir, results = str(reference.workdir), reference.results
   resumed_dir = copy_workdir(workdir)
   # The disk as a kill during task 2 leaves it: checkpoints of tasks 0 and 1 only.
   shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "2"))
   os.remove(os.path.join(resumed_dir, "results.json"))
-  resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+  train.train_and_evaluate(tiny_config(seed=5, epochs=1), str(tmp_path / "other"))
+  with lowered_programs() as lowered:
+    resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+  assert not {"jit(run_epoch)", "jit(meta_round)", "jit(evaluate_all)"} & set(lowered), lowered
+  assert checkpoint_digests(Path(resumed_dir)) == reference.digests
   assert resumed["accuracy_matrix"] == results["accuracy_matrix"]
   assert resumed["acc"] == results["acc"] and resumed["bwt"] == results["bwt"]
   # The wall time counts the first session's tasks 0 and 1 too, as checkpointed.

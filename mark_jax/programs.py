@@ -112,8 +112,21 @@ def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
 
 
 # Config keys that no compiled function reads: the seed makes keys (inputs), the epochs and
-# rounds are loop counts. Every other key is part of the programs' signature.
-NOT_COMPILED = ("seed", "epochs", "meta_rounds")
+# rounds are loop counts, the rest choose the data (whose facts the signature holds). Every
+# other key is part of the programs' signature.
+NOT_COMPILED = (
+  "seed",
+  "epochs",
+  "meta_rounds",
+  "dataset",
+  "data_dir",
+  "image_size",
+  "max_tasks",
+  "validation_fraction",
+  "synthetic",
+  "resnet18_weights",
+  "resnet18_pretrained",
+)
 KEPT_PROGRAMS = 8  # the programs of this many signatures stay built in a process
 _built: collections.OrderedDict = collections.OrderedDict()
 

@@ -1,5 +1,6 @@
 """End-to-end runs (mark_jax.train): results, checkpoints, resume, branching, the CLI."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from mark_jax import train
+from mark_jax import programs, train
 from mark_jax.data import datasets
 from mark_jax.runtime import checkpointing, errors
 
@@ -60,6 +61,20 @@ def test_resume_after_interruption_equals_uninterrupted(reference, copy_workdir,
   mngr = checkpointing.manager(os.path.join(resumed_dir, "checkpoints"))
   saved = mngr.restore(1, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
   assert 0 < saved["wall_seconds"] < resumed["wall_seconds"]
+
+
+def test_programs_are_reused_only_for_the_same_signature():
+  config = tiny_config()
+  benchmark = datasets.load_benchmark(config)
+  built = programs.build_programs(config, benchmark)
+  again = tiny_config(seed=7, epochs=1, meta_rounds=2, data_dir="/elsewhere")
+  assert programs.build_programs(again, benchmark) is built
+  for changed in (dict(learning_rate=0.5), dict(inner_steps=2), dict(batch_size=8)):
+    assert programs.build_programs(tiny_config(**changed), benchmark) is not built, changed
+  assert programs.build_programs(config, benchmark, runs=2) is not built
+  other_data = dataclasses.replace(benchmark, mean=(0.0, 0.0, 0.0))
+  assert programs.build_programs(config, other_data) is not built
+  assert programs.build_programs(config, benchmark) is built  # still kept
 
 
 def test_relaunching_a_finished_run_changes_nothing(reference, copy_workdir):

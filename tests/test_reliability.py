@@ -32,7 +32,7 @@ from tiny import (
   abstract_state,
   checkpoint_digests,
   final_numbers,
-  kill_after_first_checkpoint,
+  kill_during_task_1,
   largest_array_file,
   launch_command,
   read_results,
@@ -97,7 +97,7 @@ def terminate_at_line(
 
 
 def test_terminated_then_killed_run_resumes_to_the_reference(reference, killable_env, tmp_path):
-  """SIGTERM at the first epoch, SIGKILL at a random moment after task 0 is saved, a relaunch.
+  """SIGTERM at the first epoch, SIGKILL at a seeded epoch of task 1, a relaunch.
 
   Each launch loads the programs the reference compiled; the killed one from a copy of the
   compilation cache.
@@ -116,7 +116,7 @@ def test_terminated_then_killed_run_resumes_to_the_reference(reference, killable
     process = subprocess.Popen(
       command, cwd=ROOT, env=killable_env, stdout=log, stderr=subprocess.STDOUT
     )
-    saved = kill_after_first_checkpoint(process, [workdir], KILL_SEED)
+    saved = kill_during_task_1(process, [workdir], tmp_path / "killed.log", KILL_SEED)
   assert 0 in saved and 2 not in saved, saved
 
   completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

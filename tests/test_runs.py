@@ -19,7 +19,7 @@ from tiny import (
   checkpoint_digests,
   damage_checkpoint,
   epoch_losses,
-  kill_after_first_checkpoint,
+  kill_during_task_1,
   launch_command,
   lowered_programs,
   read_results,
@@ -115,7 +115,7 @@ def test_a_zero_step_keeps_the_kb_of_task_0_and_a_larger_one_moves_it(seed_runs,
 
 
 def test_killed_runs_resume_to_the_uninterrupted_numbers(seed_runs, killable_env, tmp_path):
-  """SIGKILL at a random moment after both runs saved task 0, then a relaunch: every run as
+  """SIGKILL at a seeded epoch of task 1 (both runs saved task 0), then a relaunch: every run as
   uninterrupted. The killed launch loads its programs from a copy of the compilation cache."""
   reference_dir, reference_dirs, _ = seed_runs
   workdir = tmp_path / "seeds"
@@ -130,7 +130,7 @@ def test_killed_runs_resume_to_the_uninterrupted_numbers(seed_runs, killable_env
     process = subprocess.Popen(
       command, cwd=ROOT, env=killable_env, stdout=log, stderr=subprocess.STDOUT
     )
-    saved = kill_after_first_checkpoint(process, run_dirs, KILL_SEED)
+    saved = kill_during_task_1(process, run_dirs, tmp_path / "killed.log", KILL_SEED)
   assert 0 in saved and 2 not in saved, saved
   completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]

@@ -82,7 +82,7 @@ def wait_until(process: subprocess.Popen, done, what: str, timeout: float = 600)
   while not done():
     assert process.poll() is None, f"exited with {process.returncode} before {what}"
     assert time.monotonic() < deadline, f"timed out waiting for {what}"
-    time.sleep(0.05)
+    time.sleep(0.01)
 
 
 def wait_for_checkpoint(
@@ -110,18 +110,33 @@ def damage_checkpoint(checkpoint: Path) -> None:
     f.write(b"\0" * 64)
 
 
-def kill_after_first_checkpoint(
-  process: subprocess.Popen, run_dirs: list[Path], seed: int
+def task_1_progress(seed: int) -> str:
+  """The start of one of task 1's progress lines (a phase's epoch or its meta round), picked
+  by `seed`."""
+  epochs = tiny_config().epochs
+  lines = [
+    f"task 1 {phase} epoch {epoch}/"
+    for phase in ("feature_extractor", "masks", "consolidation")
+    for epoch in range(1, epochs + 1)
+  ]
+  return random.Random(seed).choice([*lines, "task 1 metalearning round 1/"])
+
+
+def kill_during_task_1(
+  process: subprocess.Popen, run_dirs: list[Path], log: Path, seed: int
 ) -> list[int]:
-  """SIGKILLs `process` a seeded random moment (up to a second) after every run in
-  `run_dirs` has saved task 0, while it still trains.
+  """SIGKILLs `process` (a launch of tiny_flags() writing its output to `log`) once every run
+  in `run_dirs` has saved task 0 and `log` shows task 1's progress line picked by `seed`.
+
+  A line, not a delay: a task of the tiny config takes a fraction of a second once
+  compiled, so a delay would kill at another point on a faster or slower machine.
 
   Returns:
     The tasks whose checkpoints existed in the first run dir at the kill.
   """
   wait_for_checkpoint(process, run_dirs, 0)
-  time.sleep(random.Random(seed).uniform(0.0, 1.0))
-  assert process.poll() is None, "finished before the kill"
+  line = task_1_progress(seed)
+  wait_until(process, lambda: line in log.read_text(), repr(line))
   process.kill()
   assert process.wait() == -signal.SIGKILL
   # Listed once the process is dead: no save can land between the listing and the kill.

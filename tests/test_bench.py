@@ -2,7 +2,7 @@
 
 import json
 
-from mark_jax import bench
+from mark_jax import bench, shapes
 from tests.tiny import tiny_config
 
 
@@ -30,7 +30,10 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   # A KB step does the forward convolutions and, for every kernel, a weight gradient of the
   # same cost (and most input gradients): 2x to 5x the forward count with the dense layers.
   # A count that leaves convolutions out (as GPU backends' does) falls far short.
-  forward = config.batch_size * kb_forward_conv_flops(32, config.kb_channels, (4, 3, 2))
+  kb_kernels, _ = shapes.kernel_sizes(config.image_size)
+  forward = config.batch_size * kb_forward_conv_flops(
+    config.image_size, config.kb_channels, kb_kernels
+  )
   kb_step = 1e9 * results["phases"]["kb_pretrain"]["model_gflop_per_step"]
   assert 2 * forward <= kb_step <= 5 * forward, (kb_step, forward)
   meta = results["meta_round"]

@@ -17,9 +17,9 @@ def _snapshot(tree):
 
 def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance():
   config = tiny_config()
-  nets = Networks(config, 32, 5)
+  nets = Networks(config, config.image_size, 5)
   variables = jax.jit(nets.init_task)(jax.random.PRNGKey(0))["feature_extractor"]
-  images = jax.random.uniform(jax.random.PRNGKey(1), (24, 32, 32, 3))
+  images = jax.random.uniform(jax.random.PRNGKey(1), (24, config.image_size, config.image_size, 3))
   mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   batch_size = 8  # three full batches
   statistics = phases.make_feature_statistics_fn(nets, batch_size, mean, std)

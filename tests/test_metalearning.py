@@ -97,11 +97,11 @@ def round_config(**overrides):
 def round_inputs(config) -> tuple:
   """(nets, KB, task variables, images, labels): fresh variables of `config`'s networks (each
   init one compiled program) and the 100 synthetic training images of 5 classes."""
-  nets = models.Networks(config, 32, 5)
+  nets = models.Networks(config, config.image_size, 5)
   kb = jax.jit(nets.init_knowledge_base)(jax.random.PRNGKey(0))
   task = jax.jit(nets.init_task)(jax.random.PRNGKey(1))
   train, _ = datasets.synthetic_splits(
-    num_classes=5, train_per_class=20, test_per_class=1, image_size=32, seed=0
+    num_classes=5, train_per_class=20, test_per_class=1, image_size=config.image_size, seed=0
   )
   return nets, kb, task, jnp.asarray(train.images), jnp.asarray(train.labels)
 

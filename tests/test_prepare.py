@@ -387,12 +387,12 @@ def test_miniimagenet_benchmark_test_images_are_the_val_files(sample_source, sam
 
 
 def test_tiny_training_on_the_prepared_sample(sample_data_dir, tmp_path):
-  """The first 3 tasks of configs/miniimagenet.py, resized to 32x32, at a minimal budget
+  """The first 3 tasks of configs/miniimagenet.py, resized to 16x16, at a minimal budget
   (load_benchmark's tests above read every task)."""
   overrides = dict(
     data_dir=str(sample_data_dir),
     max_tasks=3,
-    image_size=32,
+    image_size=16,
     validation_fraction=0.02,
     batch_size=16,
     eval_batch_size=25,

@@ -245,7 +245,7 @@ def test_preprocess_keeps_the_centre():
 # Runs with a frozen ResNet-18 as F (--config.feature_extractor=resnet18).
 
 _RUN_INPUT_SIZE = 32  # the tests' crop: ResNet-18's default 224 would take minutes here
-_SYNTHETIC_SIZE = tiny_config().synthetic.image_size
+_IMAGE_SIZE = tiny_config().image_size
 
 
 def _resnet18_config(**overrides):
@@ -256,7 +256,7 @@ def _resnet18_config(**overrides):
 def resnet18_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
   """Workdirs of tiny_config() with a ResNet-18 F: read from `checkpoint` on synthetic data,
   and random (no file) on a prepared fake ImageNet of the same sizes, as configs/imagenet.py
-  (at 32x32: its own networks at 114x114 take minutes here). Their programs are the same:
+  (at 16x16: its own networks at 114x114 take minutes here). Their programs are the same:
   the features are data."""
   workdirs = {name: tmp_path_factory.mktemp(name) for name in ("from_file", "random")}
   train.train_and_evaluate(
@@ -264,7 +264,7 @@ def resnet18_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
   )
   with fake_imagenet.patched_facts():
     _, data_dir = fake_imagenet.prepared(tmp_path_factory)
-    imagenet = dict(dataset="imagenet", data_dir=str(data_dir), image_size=_SYNTHETIC_SIZE)
+    imagenet = dict(dataset="imagenet", data_dir=str(data_dir))
     config = _resnet18_config(resnet18_pretrained=False, **imagenet)
     train.train_and_evaluate(config, str(workdirs["random"]))
   return workdirs
@@ -282,7 +282,7 @@ def test_a_resnet18_run_finishes_without_feature_phases_and_its_masks_train(resn
   firsts, lasts = masks[::5], masks[4::5]
   assert np.mean(lasts) < np.mean(firsts), masks
   config = _resnet18_config()  # shapes only: abstract_state would load data and weights
-  nets = models.Networks(config, _SYNTHETIC_SIZE, config.classes_per_task)
+  nets = models.Networks(config, _IMAGE_SIZE, config.classes_per_task)
   mesh = programs.make_mesh(config)
   abstract = state.abstract(nets, config.seed, results["tasks_completed"], mesh)
   mngr = checkpointing.manager(workdir / "checkpoints")

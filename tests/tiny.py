@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_config(**overrides):
   """configs/smoke.py shrunk further: 3 synthetic tasks of 80 training and 100 test images,
-  networks of half the CIFAR-100 widths, 5 epochs, a tiny meta round, masks starting near
-  identity (as the fidelity runs), so that it learns (ACC well above the 0.2 of chance) in a
-  few seconds once compiled."""
+  drawn at 32x32 and resized to 16x16 (every dataset a test trains on with it is), networks
+  of half the CIFAR-100 widths, 5 epochs, a tiny meta round, masks starting near identity
+  (as the fidelity runs), so that it learns (ACC well above the 0.2 of chance) in a few
+  seconds once compiled. At 16x16 the kernels are smaller (KB 2, 1, 2; F^t 2, 1: fewer
+  patches), and every program compiles faster than at 32x32 (docs/performance.md)."""
   from configs import smoke
 
   config = smoke.get_config()
+  config.image_size = 16
   config.kb_channels = (32, 64, 128)
   config.feature_channels = (16, 16)
   config.latent_dim = 64

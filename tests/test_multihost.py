@@ -60,11 +60,20 @@ def test_two_processes_resume_a_damaged_run_and_a_killed_process_stops_the_other
   log = workdir.parent / "multihost.log"
   with open(log, "w") as log_file:
     process = _launch(workdir, _env(), log_file)
-  # Process 1 logs "task 1 done" after task 1's checkpoint is saved: wait for the line itself.
+  # Process 1 logs "task 1 done" after task 1's checkpoint is saved: wait for the line itself,
+  # with its pid at hand (a tiny task takes a fraction of a second).
+  pattern = f"launch.py .*--workdir {workdir} .*--process_id=1"
+  found = []
+
+  def find_victim() -> bool:
+    listed = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    found[:] = [int(pid) for pid in listed.split()]
+    return bool(found)
+
+  wait_until(process, find_victim, "process 1 starting")
   task_1_done = "[process 1 of 2] task 1 done"
   wait_until(process, lambda: task_1_done in log.read_text(), "process 1 finishing task 1")
-  pattern = f"launch.py .*--workdir {workdir} .*--process_id=1"
-  victim = int(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout)
+  (victim,) = found
   os.kill(victim, signal.SIGKILL)
   process.wait(timeout=120)  # the other process must not hang
   output = log.read_text()

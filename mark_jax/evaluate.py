@@ -70,8 +70,8 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
   run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
   test = programs_lib.device_test_data(config, mesh, benchmark.tasks)
-  accuracy = phases.make_accuracy_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
-  evaluate_all = programs_lib.make_evaluate_all(accuracy, config.use_masks)
+  scores = phases.make_scores_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
+  evaluate_all = programs_lib.make_evaluate_all(scores, config.use_masks)
   seen = task % len(benchmark.tasks) + 1  # checkpoints count tasks over all passes
   accuracy = np.asarray(
     jax.jit(evaluate_all)(run_state["knowledge_base"], run_state["tasks"], test, seen)

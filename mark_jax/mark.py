@@ -226,10 +226,10 @@ def train_phase(run: Run, name, model, data, rng, task, step=None) -> dict:
     model["feature_extractor"] = {**model["feature_extractor"], "batch_stats": batch_stats}
   images, labels, weights = data["validation"]
   with run.timer(f"{step} validation"):
-    accuracy = programs.accuracy(model, images, labels, weights, phase.use_masks)
-    scalars = {"validation_accuracy": accuracy}
+    scores = programs.scores(model, images, labels, weights, phase.use_masks)
+    scalars = {"validation_accuracy": scores["accuracy"]}
     if phase.use_masks:
-      scalars.update(programs.mask_statistics(model, images, weights))
+      scalars.update(mask_max=scores["mask_max"], latent_norm=scores["latent_norm"])
     scalars = {name: jax.device_get(value) for name, value in scalars.items()}
   logging.info("task %d %s: %s", task, step, describe(scalars))
   run.writer.write(f"task_{task:02d}/{step}", run.config.epochs, scalars, task=task, phase=step)

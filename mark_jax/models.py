@@ -372,12 +372,17 @@ class Networks:
     )
     return self.mask_generator.apply(model["mask_generator"], features), updates["batch_stats"]
 
+  def latent(
+    self, model: dict, inputs: Inputs, masks: Masks, *, train: bool, rng: jax.Array | None
+  ) -> jax.Array:
+    """KB(images, masks) of standardized inputs; `train` switches the KB's dropout on."""
+    rngs = {"dropout": rng} if train else {}
+    return self.knowledge_base.apply(
+      model["knowledge_base"], images_of(inputs), masks, train=train, rngs=rngs
+    )
+
   def logits(
     self, model: dict, inputs: Inputs, masks: Masks, *, train: bool, rng: jax.Array | None
   ) -> jax.Array:
     """Head^t(KB(images, masks)) of standardized inputs; `train` switches the KB's dropout on."""
-    rngs = {"dropout": rng} if train else {}
-    latent = self.knowledge_base.apply(
-      model["knowledge_base"], images_of(inputs), masks, train=train, rngs=rngs
-    )
-    return self.head.apply(model["head"], latent)
+    return self.head.apply(model["head"], self.latent(model, inputs, masks, train=train, rng=rng))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mark_jax.models import Networks, images_of, normalize, standardize, take
+from mark_jax.models import Networks, normalize, standardize, take
 
 # loss_fn(params, model_state, frozen, batch, rng) -> (loss, (correct, model_state))
 LossFn = Callable
@@ -297,45 +297,45 @@ def make_feature_statistics_fn(
   return statistics
 
 
-def make_mask_statistics_fn(nets: Networks, mean, std):
-  """`(model, images, weights) -> {'mask_max', 'latent_norm'}` in eval mode.
+def make_scores_fn(nets: Networks, mean, std, eval_batch_size: int):
+  """`scores(model, images, labels, weights, use_masks)` of one task in eval mode, in one
+  pass over batches of eval_batch_size:
 
-  The largest mask value over the examples and blocks, and the mean L2 norm of the KB's
-  masked latent output: how far the masks have scaled the KB (all-ones masks leave the
-  latent at its pretrained size). Not jitted.
-  """
-
-  def statistics(model, images, weights):
-    x = standardize(images, mean, std)
-    masks = nets.masks(model, x, True)
-    latent = nets.knowledge_base.apply(model["knowledge_base"], images_of(x), masks, train=False)
-    norms = jnp.linalg.norm(latent, axis=-1)
-    mask_max = jnp.max(jnp.stack([jnp.max(m * weights[:, None]) for m in masks]))
-    return {
-      "mask_max": mask_max,
-      "latent_norm": jnp.sum(norms * weights) / jnp.maximum(jnp.sum(weights), 1.0),
-    }
-
-  return statistics
-
-
-def make_accuracy_fn(nets: Networks, mean, std, eval_batch_size: int):
-  """`accuracy(model, images, labels, weights, use_masks)` of one task, in eval mode.
+  - 'accuracy' on the weighted examples;
+  - 'mask_max', the largest mask value over the examples and blocks, and 'latent_norm', the
+    mean L2 norm of the KB's masked latent output: how far the masks have scaled the KB
+    (all-ones masks leave the latent at its pretrained size).
 
   images (N, H, W, 3) with N a multiple of eval_batch_size; weights mark real examples.
-  Not jitted: callers jit it alone or under vmap over tasks.
+  Not jitted: callers jit it alone or under a map over tasks.
   """
 
-  def accuracy(model, images, labels, weights, use_masks):
+  def scores(model, images, labels, weights, use_masks):
     chunks = lambda a: a.reshape(-1, eval_batch_size, *a.shape[1:])  # noqa: E731
 
-    def body(correct, xs):
+    def body(sums, xs):
       chunk_images, chunk_labels, chunk_weights = xs
       x = standardize(chunk_images, mean, std)
-      logits = nets.logits(model, x, nets.masks(model, x, use_masks), train=False, rng=None)
-      return correct + jnp.sum((jnp.argmax(logits, -1) == chunk_labels) * chunk_weights), None
+      masks = nets.masks(model, x, use_masks)
+      latent = nets.latent(model, x, masks, train=False, rng=None)
+      logits = nets.head.apply(model["head"], latent)
+      correct = jnp.sum((jnp.argmax(logits, -1) == chunk_labels) * chunk_weights)
+      norms = jnp.sum(jnp.linalg.norm(latent, axis=-1) * chunk_weights)
+      mask_max = jnp.max(jnp.stack([jnp.max(m * chunk_weights[:, None]) for m in masks]))
+      return {
+        "correct": sums["correct"] + correct,
+        "norms": sums["norms"] + norms,
+        "mask_max": jnp.maximum(sums["mask_max"], mask_max),
+      }, None
 
-    correct, _ = lax.scan(body, 0.0, jax.tree.map(chunks, (images, labels, weights)))
-    return correct / jnp.maximum(jnp.sum(weights), 1.0)
+    zero = jnp.zeros((), jnp.float32)
+    start = {"correct": zero, "norms": zero, "mask_max": jnp.full((), -jnp.inf, jnp.float32)}
+    sums, _ = lax.scan(body, start, jax.tree.map(chunks, (images, labels, weights)))
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    return {
+      "accuracy": sums["correct"] / count,
+      "mask_max": sums["mask_max"],
+      "latent_norm": sums["norms"] / count,
+    }
 
-  return accuracy
+  return scores

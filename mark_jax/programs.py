@@ -50,8 +50,8 @@ class Programs:
     feature_statistics: F^t's batch-norm statistics recomputed over a task's images.
     meta_round: one jitted metalearning round `(kb, task, images, labels, rng)`; with a run
       axis it takes the runs' stacked round settings as a sixth argument.
-    accuracy: a model's accuracy on weighted examples.
-    mask_statistics: the masks' largest value and the masked latent's norm.
+    scores: a model's accuracy on weighted examples, its masks' largest value and its masked
+      latent's norm, in one pass (phases.make_scores_fn; jitted, `use_masks` static).
     evaluate_all: the test accuracy of every task seen, with its own F, M, C and one KB.
     runs: the number of runs on the leading axis, None for a single run.
     per_run: `per_run(fn, in_axes=0)` maps a single-run function over the runs (jax.vmap),
@@ -66,8 +66,7 @@ class Programs:
   init_probe: Callable
   feature_statistics: Callable
   meta_round: Callable
-  accuracy: Callable
-  mask_statistics: Callable
+  scores: Callable
   evaluate_all: Callable
   runs: int | None = None
   per_run: Callable = one_run
@@ -81,7 +80,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
     raise ConfigError(str(error)) from None
 
 
-def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
+def make_evaluate_all(scores: Callable, use_masks: bool) -> Callable:
   """`(knowledge_base, tasks, test, seen) -> accuracy per task` (not jitted).
 
   The tasks are evaluated one after another (lax.map: one task's batch in memory at a
@@ -90,7 +89,7 @@ def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
   program serves every task.
 
   Args:
-    accuracy: a model's accuracy on weighted examples (phases.make_accuracy_fn).
+    scores: a model's scores on weighted examples (phases.make_scores_fn).
     use_masks: whether the models apply their masks.
   """
 
@@ -100,7 +99,7 @@ def make_evaluate_all(accuracy: Callable, use_masks: bool) -> Callable:
       model = {**task, "knowledge_base": knowledge_base}
       return lax.cond(
         index < seen,
-        lambda: accuracy(model, inputs, labels, weights, use_masks),
+        lambda: scores(model, inputs, labels, weights, use_masks)["accuracy"],
         lambda: jnp.zeros((), jnp.float32),
       )
 
@@ -181,7 +180,7 @@ def new_programs(config, benchmark, runs: int | None = None) -> Programs:
   )
   if runs is None:
     meta_round = functools.partial(meta_round, settings=metalearning.round_settings(config))
-  accuracy = phases_lib.make_accuracy_fn(nets, mean, std, config.eval_batch_size)
+  scores = phases_lib.make_scores_fn(nets, mean, std, config.eval_batch_size)
   use_masks = config.use_masks
   return Programs(
     nets=nets,
@@ -210,9 +209,8 @@ def new_programs(config, benchmark, runs: int | None = None) -> Programs:
       )
     ),
     meta_round=jax.jit(per_run(meta_round), donate_argnums=0),
-    accuracy=jax.jit(per_run(accuracy, (0, 0, 0, 0, None)), static_argnums=4),
-    mask_statistics=jax.jit(per_run(phases_lib.make_mask_statistics_fn(nets, mean, std))),
-    evaluate_all=jax.jit(per_run(make_evaluate_all(accuracy, use_masks), (0, 0, 0, None))),
+    scores=jax.jit(per_run(scores, (0, 0, 0, 0, None)), static_argnums=4),
+    evaluate_all=jax.jit(per_run(make_evaluate_all(scores, use_masks), (0, 0, 0, None))),
     runs=runs,
     per_run=per_run,
   )

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mark_jax import mark
+from mark_jax import mark, models
 from mark_jax import programs as programs_lib
 
 from tiny import fresh_run, run_key, task_model, tiny_config
@@ -73,3 +73,35 @@ def test_task_leaves_other_tasks_and_frozen_kb_untouched(tiny):
       jax.tree.map(lambda a: np.asarray(a)[1], after["tasks"][part]),
     )
   assert _changed(before["rng"], after["rng"])
+
+
+def test_scores_of_one_pass_equal_each_quantity_computed_alone(tiny):
+  """A step's validation (programs.scores) over two eval batches, with weight 0 on some right
+  and some wrong examples and on the one of the largest mask value: accuracy, largest mask
+  and mean latent norm of the weighted examples, each computed as it is defined."""
+  benchmark, run, state = tiny
+  nets, model = run.programs.nets, task_model(state, 1)
+  split = benchmark.tasks[1].test
+  assert len(split) == 2 * run.config.eval_batch_size
+
+  @jax.jit  # one compiled program, not one per operation
+  def alone(model, images):
+    x = models.standardize(images, benchmark.mean, benchmark.std)
+    masks = nets.masks(model, x, True)
+    latent = nets.latent(model, x, masks, train=False, rng=None)
+    return nets.logits(model, x, masks, train=False, rng=None), masks, latent
+
+  logits, masks, latent = jax.device_get(alone(model, split.images))
+  right = np.argmax(logits, -1) == split.labels
+  assert right.any() and not right.all()
+  ignored = [*np.flatnonzero(right)[:10], *np.flatnonzero(~right)[:10]]
+  ignored.append(int(np.argmax(np.max(np.concatenate(masks, axis=1), axis=1))))
+  weights = np.ones(len(split), np.float32)
+  weights[ignored] = 0.0
+  real = weights > 0
+
+  scores = run.programs.scores(model, split.images, split.labels, weights, True)
+  assert scores["accuracy"] == pytest.approx(right[real].mean(), abs=1e-6)
+  assert scores["mask_max"] == pytest.approx(max(m[real].max() for m in masks), rel=1e-6)
+  norms = np.linalg.norm(latent[real], axis=-1)
+  assert scores["latent_norm"] == pytest.approx(norms.mean(), rel=1e-5)

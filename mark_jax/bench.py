@@ -130,9 +130,10 @@ def run(config, repeats: int, time_task: bool) -> dict:
       params, frozen, model_state = mark.feature_phase_inputs(programs, model, rng)
     else:
       params, frozen, model_state = mark.phase_inputs(phase, model)
-    donated = jax.tree.map(jnp.copy, phases_lib.init_state(phase, params, model_state))
-    # Placed as a run places them: the very programs a run compiles.
-    donated, frozen, epoch_rng = devices.replicate((donated, frozen, rng), programs.mesh)
+    # Built and placed as a run builds and places them: the very programs a run compiles.
+    # Copied: the epoch donates its state, and `params` serve the phases after this one.
+    donated = jax.tree.map(jnp.copy, programs.init_phase_states[name](params, model_state))
+    frozen, epoch_rng = devices.replicate((frozen, rng), programs.mesh)
     args = (donated, frozen, data["train_image"], data["train_label"], epoch_rng)
     compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])

@@ -141,6 +141,22 @@ def test_reshape_max_pool_equals_reduce_window():
   assert models.max_pool(x, "patches").shape == (2, 14, 14, 4)
 
 
+@pytest.mark.parametrize("impl", ["patches", "native"])
+def test_relu_after_the_pool_equals_relu_before_it_with_its_gradient(impl):
+  """Windows with ties (at a positive value, at zero) and with every value negative."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3)).round(1)  # rounding makes ties
+  x = x.at[0, :2, :2, 0].set(0.7).at[0, 2:4, :2, 0].set(-0.3).at[1, :2, :2, 1].set(0.0)
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 3))
+
+  def relu_first(x):
+    return models.max_pool(jax.nn.relu(x), impl)
+
+  value, vjp = jax.vjp(lambda x: models.pooled_relu(x, impl), x)
+  expected_value, expected_vjp = jax.vjp(relu_first, x)
+  np.testing.assert_array_equal(value, expected_value)
+  np.testing.assert_array_equal(vjp(cotangent)[0], expected_vjp(cotangent)[0])
+
+
 @pytest.mark.parametrize(
   "shape,kernel", [((2, 32, 31, 3), 4), ((2, 6, 7, 4), 2), ((1, 14, 14, 2), 3)]
 )

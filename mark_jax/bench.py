@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mark_jax import mark, metalearning, state, train
+from mark_jax import mark, metalearning, op_profile, state, train
 from mark_jax import phases as phases_lib
 from mark_jax import programs as programs_lib
 from mark_jax.data import datasets, facts
@@ -36,6 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _JSON = flags.DEFINE_string("json", "bench.json", "Where to write the results as JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each compiled epoch and round.")
 _TIME_TASK = flags.DEFINE_bool("time_task", True, "Run tasks 0 and 1 and time task 1 whole.")
+_PROFILE_DIR = flags.DEFINE_string(
+  "profile_dir", "", "Also trace one metalearning round here and list its slowest ops."
+)
 flags.mark_flags_as_required(["config"])
 
 PHASES = ("feature_extractor", "kb_pretrain", "masks", "kb_sgd")
@@ -55,16 +58,19 @@ def synthetic_config(config):
   return config
 
 
-def _time(fn, args, repeats: int, carry_first: bool = True):
-  """Runs fn(*args) `repeats` times (threading a donated first argument); returns seconds."""
+def _time(fn, args, repeats: int):
+  """Runs fn(*args) `repeats` times, threading the donated first argument.
+
+  Returns:
+    (seconds of each run, the arguments for a next run).
+  """
   seconds = []
   for _ in range(repeats):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     seconds.append(time.perf_counter() - start)
-    if carry_first:
-      args = (out[0], *args[1:])
-  return seconds
+    args = (out[0], *args[1:])
+  return seconds, args
 
 
 def _compile(jitted, args):
@@ -91,8 +97,12 @@ def _batch(task: TaskData, batch_size: int) -> dict:
   }
 
 
-def run(config, repeats: int, time_task: bool) -> dict:
-  """Measures everything the module docstring lists; returns a JSON-ready dict."""
+def run(config, repeats: int, time_task: bool, profile_dir: str = "") -> dict:
+  """Measures everything the module docstring lists; returns a JSON-ready dict.
+
+  With `profile_dir`, one more metalearning round runs under jax.profiler (traced there)
+  and `meta_round_profile` lists its ops by time (mark_jax.op_profile).
+  """
   if config.feature_extractor != "cnn":
     raise errors.ConfigError(
       "the benchmark times the phases of F^t's CNN: run it with --config.feature_extractor=cnn"
@@ -137,7 +147,7 @@ def run(config, repeats: int, time_task: bool) -> dict:
     args = (donated, frozen, data["train_image"], data["train_label"], epoch_rng)
     compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
-    epoch_s = float(np.median(_time(compiled, args, repeats)))
+    epoch_s = float(np.median(_time(compiled, args, repeats)[0]))
     step = functools.partial(phases_lib.train_step, native_phases[name])
     flops = _flops(step, frozen, phases_lib.init_state(phase, params, model_state), batch, rng)
     step_s = epoch_s / steps_per_epoch
@@ -156,7 +166,10 @@ def run(config, repeats: int, time_task: bool) -> dict:
   kb, task_vars, round_rng = devices.replicate((kb, task_vars, rng), programs.mesh)
   args = (kb, task_vars, data["train_image"], data["train_label"], round_rng)
   compiled, compile_s = _compile(programs.meta_round, args)
-  round_s = float(np.median(_time(compiled, args, repeats)))
+  round_seconds, args = _time(compiled, args, repeats)
+  round_s = float(np.median(round_seconds))
+  if profile_dir:
+    _, results["meta_round_profile"] = op_profile.profile(compiled, args, profile_dir)
   init_inner, inner_step = metalearning.make_inner_step(
     native_nets, config, metalearning.round_settings(config)
   )
@@ -266,6 +279,8 @@ def format_table(results: dict) -> str:
     f"steps, {m['mini_task_step_ms']:.1f} ms per mini-task step, compile {m['compile_s']:.1f} s, "
     f"{m['achieved_gflop_per_s']:.1f} GFLOP/s)"
   )
+  if "meta_round_profile" in results:
+    lines.extend(format_profile(results["meta_round_profile"]))
   if "seconds_per_task" in results:
     lines.append(f"seconds per task (task 1, measured): {results['seconds_per_task']:.1f}")
     for part, seconds in sorted(results["task_parts_s"].items(), key=lambda item: -item[1]):
@@ -281,12 +296,24 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def format_profile(profile: dict, rows: int = 20) -> list[str]:
+  """The slowest ops of a traced round: seconds over all devices, shape, JAX source."""
+  lines = [
+    f"traced meta round: {profile['seconds']:.2f} s; its slowest ops, seconds summed over "
+    f"devices ({sum(op['seconds'] for op in profile['ops']):.2f} s in all named ops):"
+  ]
+  for op in profile["ops"][:rows]:
+    source = op["source"].split("/while/body/")[-1]
+    lines.append(f"  {op['seconds']:>7.2f} s  {op['name']:<26}{op['shape']:<34}{source}")
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logs.quiet_logs(keep_own_info=False)
   devices.set_cpu_devices(_CONFIG.value.cpu_devices)
-  results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value)
+  results = run(_CONFIG.value, _REPEATS.value, _TIME_TASK.value, _PROFILE_DIR.value)
   print(format_table(results))
   with open(_JSON.value, "w") as f:
     json.dump(results, f, indent=2)

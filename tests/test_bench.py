@@ -1,6 +1,7 @@
 """The benchmark script (`python -m mark_jax.bench`) on a tiny network: a smoke test."""
 
 import json
+import os
 
 from mark_jax import bench, shapes
 from tests.tiny import tiny_config
@@ -19,7 +20,7 @@ def kb_forward_conv_flops(image_size: int, channels, kernel_sizes) -> int:
 def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   # tiny_config()'s own synthetic sizes: its epochs and round are the reference's programs.
   config = tiny_config()
-  results = bench.run(config, repeats=1, time_task=True)
+  results = bench.run(config, repeats=1, time_task=True, profile_dir=str(tmp_path / "trace"))
   json.dumps(results)  # JSON-ready, as main() writes it
 
   assert results["train_examples_per_task"] < 5 * config.synthetic.train_per_class
@@ -42,6 +43,14 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   assert results["model_gflop_per_task"] > 0 and results["model_gflop_kb_pretrain"] > 0
   assert results["peak_memory_bytes"] > 0
   assert "meta round" in bench.format_table(results)
+  # The traced round's ops: its instructions by time, each with the JAX op it came from.
+  profile = results["meta_round_profile"]
+  ops = profile["ops"]
+  assert [op["seconds"] for op in ops] == sorted((op["seconds"] for op in ops), reverse=True)
+  named = sum(op["seconds"] for op in ops)
+  assert 0.2 * profile["seconds"] < named <= os.cpu_count() * profile["seconds"]
+  assert any("Conv_1/dot_general" in op["source"] for op in ops)
+  assert "traced meta round" in bench.format_table(results)
   # Task 1 as launch.py trains it, every second named by a part but the loop's own.
   parts = results["task_parts_s"]
   for step in ("masks", "consolidation"):

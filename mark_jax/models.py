@@ -168,7 +168,7 @@ def max_pool(x: jax.Array, impl: str) -> jax.Array:
 
 
 def pooled_relu(x: jax.Array, impl: str) -> jax.Array:
-  """max_pool(relu(x)) of the authors' blocks, computed as relu(max_pool(x)).
+  """max_pool(relu(x)) of the authors' KB blocks, computed as relu(max_pool(x)).
 
   The two are equal in value and in gradient: the max commutes with the monotone ReLU, and
   both send a window's gradient to its largest inputs, and only where that maximum is
@@ -240,7 +240,10 @@ class FeatureExtractor(nn.Module):
       # PyTorch's BatchNorm2d eps.
       norm = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5)
       bn_mask = None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
-      x = pooled_relu(norm(x, mask=bn_mask), self.conv_impl)
+      # ReLU, then pool, as written: pooled_relu here changed the order in which XLA sums
+      # the batch norm's gradient in runs on a run axis, so they no longer matched each run
+      # alone to the last bit through task 1 (docs/performance.md).
+      x = max_pool(nn.relu(norm(x, mask=bn_mask)), self.conv_impl)
     return nn.relu(Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
 
 

@@ -36,10 +36,10 @@ def op_seconds(trace_dir: str, names) -> collections.Counter:
   """Seconds of the trace's events per instruction name, summed over devices and threads.
 
   Args:
-    trace_dir: the folder jax.profiler wrote (one trace).
+    trace_dir: the folder jax.profiler wrote; its newest trace is read.
     names: the instruction names to count; other events are left out.
   """
-  (xspace,) = pathlib.Path(trace_dir).rglob("*.xplane.pb")
+  xspace = max(pathlib.Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   seconds = collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(str(xspace)).planes:
     for line in plane.lines:

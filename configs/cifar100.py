@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dropout_rate = 0.5
   config.mask_activation = "relu"  # relu | sigmoid
   config.mask_bias_init = config_dict.placeholder(float)  # None: PyTorch's default init
-  config.conv_impl = "auto"  # auto | native | patches (auto: patches on CPU)
+  config.conv_impl = "auto"  # auto | native | patches | winograd (auto: winograd on CPU)
   # F^t's batch-norm statistics after its own phase (steps 3-5 and test):
   #   running: the running averages its phase left, F^t in inference mode afterwards
   #   recomputed: averaged over the task's training batches once F^t is trained (PreciseBN)

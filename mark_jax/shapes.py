@@ -2,7 +2,7 @@
 networks take. Read by mark_jax.models and mark_jax.config_checks; standard library only.
 """
 
-CONV_IMPLS = ("native", "patches")
+CONV_IMPLS = ("native", "patches", "winograd")
 
 
 def kernel_sizes(image_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

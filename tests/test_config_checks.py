@@ -105,7 +105,7 @@ RULE_CASES = [
   # Known names.
   case("dataset", "cifar10", "must be one of: cifar100, digits, imagenet, miniimagenet, synthetic"),
   case("mask_activation", "tanh", "must be one of: relu, sigmoid"),
-  case("conv_impl", "cuda", "must be one of: auto, native, patches"),
+  case("conv_impl", "cuda", "must be one of: auto, native, patches, winograd"),
   case("meta_sign", "reptile", "must be one of: authors, paper"),
   case("meta_accuracy_batch", "previous", "must be one of: next, same"),
   case("mask_bias_init", "one", "must be None or a finite number"),

@@ -1,5 +1,7 @@
 """Shapes and behaviour of MARK's modules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +58,35 @@ def test_feature_extractor_flatten_sizes():
     assert task["feature_extractor"]["params"]["Dense_0"]["kernel"].shape[0] == flatten
 
 
-def test_patches_convolution_equals_native():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 12, 5))
-  native = models.Conv(7, 3, impl="native")
-  variables = native.init(jax.random.PRNGKey(1), x)
-  patches = models.Conv(7, 3, impl="patches")
-  np.testing.assert_allclose(
-    native.apply(variables, x), patches.apply(variables, x), rtol=1e-5, atol=1e-5
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
+@pytest.mark.parametrize(
+  "shape, kernel", [((2, 12, 10, 5), 3), ((2, 9, 12, 5), 3), ((2, 9, 9, 5), 4)]
+)
+def test_convolution_forms_equal_native_with_their_gradients(impl, shape, kernel):
+  """Values and both gradients; Winograd where it applies (even output sides of a 3x3)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = models.Conv(7, kernel, impl="native").init(jax.random.PRNGKey(1), x)
+
+  def loss(impl, variables, x):
+    return jnp.sum(jnp.sin(models.Conv(7, kernel, impl=impl).apply(variables, x)))
+
+  expected = jax.value_and_grad(loss, argnums=(1, 2))("native", variables, x)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5),
+    jax.value_and_grad(loss, argnums=(1, 2))(impl, variables, x),
+    expected,
+  )
+
+
+def test_winograd_applies_to_even_outputs_of_3x3_kernels_only():
+  assert models.winograd_applies((2, 14, 14, 64), 3)
+  assert not models.winograd_applies((2, 13, 14, 64), 3)
+  assert not models.winograd_applies((2, 14, 14, 64), 4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 12, 5))  # 7x10 output: patches
+  variables = models.Conv(7, 3).init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(
+    models.Conv(7, 3, impl="winograd").apply(variables, x),
+    models.Conv(7, 3, impl="patches").apply(variables, x),
   )
 
 
@@ -129,10 +153,10 @@ def test_dropout_only_in_training(cifar_kb):
   assert not np.allclose(run(True, 0), run(True, 1))
 
 
-def test_conv_impl_auto_picks_patches_on_cpu():
-  assert models.resolve_conv_impl("auto") == "patches"
+def test_conv_impl_auto_picks_winograd_on_cpu():
+  assert models.resolve_conv_impl("auto") == "winograd"
   with pytest.raises(ValueError):
-    models.resolve_conv_impl("winograd")
+    models.resolve_conv_impl("fft")
 
 
 def test_reshape_max_pool_equals_reduce_window():
@@ -174,14 +198,16 @@ def test_crop_for_pool_keeps_the_pooled_values(shape, kernel):
   np.testing.assert_allclose(block(cropped), block(x), rtol=1e-6, atol=1e-6)
 
 
-def test_knowledge_base_forms_agree(cifar_kb):
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
+def test_knowledge_base_forms_agree(cifar_kb, impl):
   """The whole KB gives the same outputs with native and CPU-friendly ops."""
-  patches, kb, images, apply = cifar_kb
-  native = _networks(cifar100, 32, "native")
-  masks = models.ones_masks(len(images), patches.kb_channels)
-  np.testing.assert_allclose(
-    jax.jit(native.knowledge_base.apply, static_argnames="train")(kb, images, masks, train=False),
-    apply(kb, images, masks, train=False),
-    rtol=1e-4,
-    atol=1e-5,
-  )
+  _, kb, images, _ = cifar_kb
+  forms = {form: _networks(cifar100, 32, form) for form in ("native", impl)}
+  masks = models.ones_masks(len(images), forms[impl].kb_channels)
+  outputs = {
+    form: jax.jit(nets.knowledge_base.apply, static_argnames="train")(
+      kb, images, masks, train=False
+    )
+    for form, nets in forms.items()
+  }
+  np.testing.assert_allclose(outputs["native"], outputs[impl], rtol=1e-4, atol=1e-5)

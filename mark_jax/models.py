@@ -175,7 +175,8 @@ def _transform(matrix, parts: Sequence[jax.Array]) -> list[jax.Array]:
   """matrix @ parts for a small constant matrix of 0, +-1 and +-0.5 and a list of arrays."""
   rows = []
   for row in matrix:
-    terms = [coefficient * part for coefficient, part in zip(row, parts, strict=True) if coefficient]
+    pairs = zip(row, parts, strict=True)
+    terms = [coefficient * part for coefficient, part in pairs if coefficient]
     rows.append(sum(terms[1:], terms[0]))
   return rows
 

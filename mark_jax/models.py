@@ -172,7 +172,7 @@ def winograd_applies(input_shape: Sequence[int], kernel_size: int) -> bool:
 
 
 def _transform(matrix, parts: Sequence[jax.Array]) -> list[jax.Array]:
-  """matrix @ parts for a small constant matrix of 0, +-1 and +-0.5 and a list of arrays."""
+  """matrix @ parts for a small constant matrix (0 entries skipped) and a list of arrays."""
   rows = []
   for row in matrix:
     pairs = zip(row, parts, strict=True)

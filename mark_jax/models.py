@@ -132,16 +132,12 @@ class Conv(nn.Module):
     features: output channels.
     kernel_size: square kernel side.
     impl: 'native' (lax.conv_general_dilated), 'patches' (image patches + matmul) or
-      'winograd' (`winograd_tiles` where `winograd_applies`, patches elsewhere).
-    pool: follow the convolution (and its bias) with `max_pool`. Winograd's 2x2 output
-      tiles are the pool's windows: the pool then takes their maxima without interleaving
-      the tiles into an image first.
+      'winograd' (`winograd_conv3x3` where `winograd_applies`, patches elsewhere).
   """
 
   features: int
   kernel_size: int
   impl: str = "native"
-  pool: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -149,11 +145,10 @@ class Conv(nn.Module):
     init = torch_uniform(channels * size * size)
     kernel = self.param("kernel", init, (size, size, channels, self.features))
     bias = self.param("bias", init, (self.features,))
-    if self.impl == "winograd" and winograd_applies(x.shape, size):
-      tiles = winograd_tiles(x, kernel) + bias
-      return tiles.max(axis=(0, 1)) if self.pool else untile(tiles)
     if self.impl == "native":
       y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+    elif self.impl == "winograd" and winograd_applies(x.shape, size):
+      y = winograd_conv3x3(x, kernel)
     else:
       # Patches by slicing, features ordered (row, column, channel) like the HWIO kernel.
       # Slices and a concatenation are cheaper on XLA:CPU than conv_general_dilated_patches
@@ -161,7 +156,7 @@ class Conv(nn.Module):
       rows, cols = x.shape[1] - size + 1, x.shape[2] - size + 1
       shifted = [x[:, i : i + rows, j : j + cols] for i in range(size) for j in range(size)]
       y = jnp.concatenate(shifted, axis=-1) @ kernel.reshape(-1, self.features)
-    return max_pool(y + bias, self.impl) if self.pool else y + bias
+    return y + bias
 
 
 # Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, arXiv 1509.09308): input
@@ -172,7 +167,7 @@ _WINOGRAD_OUTPUT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
 def winograd_applies(input_shape: Sequence[int], kernel_size: int) -> bool:
-  """Whether `winograd_tiles` computes this convolution: 3x3 kernel, even output sides."""
+  """Whether `winograd_conv3x3` computes this convolution: 3x3 kernel, even output sides."""
   return kernel_size == 3 and all((side - 2) % 2 == 0 for side in input_shape[1:3])
 
 
@@ -186,108 +181,40 @@ def _transform(matrix, parts: Sequence[jax.Array]) -> list[jax.Array]:
   return rows
 
 
-def _transposed(matrix):
-  return tuple(zip(*matrix, strict=True))
-
-
-def _overlapping_tiles(x: jax.Array, axis: int, count: int) -> list[jax.Array]:
-  """Element k (0-3) of each of `count` 4-wide tiles along axis, tiles 2 apart."""
-  return [lax.slice_in_dim(x, k, k + 2 * count - 1, 2, axis) for k in range(4)]
-
-
-def _add_overlapping_tiles(parts: Sequence[jax.Array], axis: int) -> jax.Array:
-  """The transpose of `_overlapping_tiles`: each tile element added back at its position.
-
-  Element k of tile t sits at 2t + k: even positions receive elements 0 and 2 (of the tile
-  before), odd positions elements 1 and 3.
-  """
-
-  def pad(part, before):
-    padding = [(0, 0, 0)] * part.ndim
-    padding[axis] = (1, 0, 0) if before else (0, 1, 0)
-    return lax.pad(part, jnp.zeros((), part.dtype), padding)
-
-  even = pad(parts[0], False) + pad(parts[2], True)
-  odd = pad(parts[1], False) + pad(parts[3], True)
-  shape = list(even.shape)
-  shape[axis] *= 2
-  return jnp.stack([even, odd], axis=axis + 1).reshape(shape)
-
-
-def _winograd_forward(x, kernel):
-  n, h, w, c = x.shape
-  rows, cols = (h - 2) // 2, (w - 2) // 2
-  transformed = [
-    column
-    for row in _transform(_WINOGRAD_INPUT, _overlapping_tiles(x, 1, rows))
-    for column in _transform(_WINOGRAD_INPUT, _overlapping_tiles(row, 2, cols))
-  ]
-  transformed = jnp.stack(transformed).reshape(16, n * rows * cols, c)
-  g = jnp.array(_WINOGRAD_KERNEL, kernel.dtype)
-  kernel = jnp.einsum("ai,ijcd,bj->abcd", g, kernel, g).reshape(16, c, -1)
-  products = jnp.einsum("ptc,pcd->ptd", transformed, kernel).reshape(4, 4, n, rows, cols, -1)
-  tiles = [
-    _transform(_WINOGRAD_OUTPUT, list(row)) for row in _transform(_WINOGRAD_OUTPUT, list(products))
-  ]
-  return jnp.stack([jnp.stack(row) for row in tiles]), (transformed, kernel)
-
-
-def _winograd_backward(residuals, tiles_cotangent):
-  """The transposes of `_winograd_forward`'s steps, in reverse order."""
-  transformed, kernel = residuals
-  _, _, n, rows, cols, _ = tiles_cotangent.shape
-  output_transposed = _transposed(_WINOGRAD_OUTPUT)
-  products = [
-    column
-    for row in _transform(output_transposed, list(tiles_cotangent))
-    for column in _transform(output_transposed, list(row))
-  ]
-  products = jnp.stack(products).reshape(16, n * rows * cols, -1)
-  transformed_cotangent = jnp.einsum("ptd,pcd->ptc", products, kernel)
-  kernel_cotangent = jnp.einsum("ptc,ptd->pcd", transformed, products)
-  g = jnp.array(_WINOGRAD_KERNEL, kernel.dtype)
-  kernel_cotangent = jnp.einsum(
-    "ai,abcd,bj->ijcd", g, kernel_cotangent.reshape(4, 4, *kernel.shape[1:]), g
-  )
-  input_transposed = _transposed(_WINOGRAD_INPUT)
-  transformed_cotangent = transformed_cotangent.reshape(4, 4, n, rows, cols, -1)
-  rows_cotangent = [
-    _add_overlapping_tiles(_transform(input_transposed, list(row)), axis=2)
-    for row in transformed_cotangent
-  ]
-  return _add_overlapping_tiles(
-    _transform(input_transposed, rows_cotangent), axis=1
-  ), kernel_cotangent
-
-
-@jax.custom_vjp
-def winograd_tiles(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """VALID 3x3 convolution as Winograd's F(2x2, 3x3), as its 2x2 output tiles.
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID 3x3 convolution as Winograd's F(2x2, 3x3): 16 matmuls of 2.25x fewer FLOPs.
 
   Each 2x2 output tile comes from a 4x4 input tile: the 16 transformed values of all tiles
-  at one tile position form one (tiles, C_in) x (C_in, C_out) matmul, 2.25x fewer FLOPs
-  than the direct convolution. The gradients are written out (the transposes of the
-  forward's steps): JAX's own transposes of its slices and stacks added many full-size
-  arrays. Equal to the direct convolution up to float rounding.
+  at one tile position form one (tiles, C_in) x (C_in, C_out) matmul. Equal to the direct
+  convolution up to float rounding.
 
   Args:
     x: (batch, H, W, C_in) with H - 2 and W - 2 even (`winograd_applies`).
     kernel: (3, 3, C_in, C_out), HWIO.
 
   Returns:
-    (2, 2, batch, (H - 2) / 2, (W - 2) / 2, C_out): element [a, b, :, r, c] is output
-    pixel (2r + a, 2c + b); `untile` gives the image.
+    (batch, H - 2, W - 2, C_out).
   """
-  return _winograd_forward(x, kernel)[0]
+  n, h, w, c = x.shape
+  rows, cols = (h - 2) // 2, (w - 2) // 2
 
+  def tile_rows(x, axis, count):  # element k of every 4-wide tile along axis (stride 2)
+    return [lax.slice_in_dim(x, k, k + 2 * count - 1, 2, axis) for k in range(4)]
 
-winograd_tiles.defvjp(_winograd_forward, _winograd_backward)
-
-
-def untile(tiles: jax.Array) -> jax.Array:
-  """(2, 2, batch, rows, cols, C) output tiles -> (batch, 2 rows, 2 cols, C) image."""
-  _, _, n, rows, cols, channels = tiles.shape
-  return tiles.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * rows, 2 * cols, channels)
+  transformed = [
+    column
+    for row in _transform(_WINOGRAD_INPUT, tile_rows(x, 1, rows))
+    for column in _transform(_WINOGRAD_INPUT, tile_rows(row, 2, cols))
+  ]
+  transformed = jnp.stack(transformed).reshape(16, n * rows * cols, c)
+  g = jnp.array(_WINOGRAD_KERNEL, kernel.dtype)
+  kernel = jnp.einsum("ai,ijcd,bj->abcd", g, kernel, g).reshape(16, c, -1)
+  products = jnp.einsum("ptc,pcd->ptd", transformed, kernel).reshape(4, 4, n, rows, cols, -1)
+  y = [
+    jnp.stack(_transform(_WINOGRAD_OUTPUT, list(row)), axis=3)
+    for row in _transform(_WINOGRAD_OUTPUT, list(products))
+  ]
+  return jnp.stack(y, axis=2).reshape(n, 2 * rows, 2 * cols, -1)
 
 
 def max_pool(x: jax.Array, impl: str) -> jax.Array:
@@ -304,6 +231,17 @@ def max_pool(x: jax.Array, impl: str) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def pooled_relu(x: jax.Array, impl: str) -> jax.Array:
+  """max_pool(relu(x)) of the authors' KB blocks, computed as relu(max_pool(x)).
+
+  The two are equal in value and in gradient: the max commutes with the monotone ReLU, and
+  both send a window's gradient to its largest inputs, and only where that maximum is
+  positive. The ReLU and its gradient then run on a quarter of the values
+  (docs/performance.md).
+  """
+  return nn.relu(max_pool(x, impl))
+
+
 def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
   """The rows and columns of x that a VALID convolution followed by 2x2 pooling uses.
 
@@ -317,12 +255,6 @@ def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
 
 class KnowledgeBase(nn.Module):
   """The shared KB: masked conv blocks, then a dense latent layer.
-
-  The authors' blocks apply ReLU, then the 2x2 max-pool; here the ReLU follows the pool.
-  The two are equal in value and in gradient: the max commutes with the monotone ReLU, and
-  both send a window's gradient to its largest inputs, and only where that maximum is
-  positive. The ReLU and its gradient then run on a quarter of the values
-  (docs/performance.md).
 
   Attributes:
     channels: output channels of each block.
@@ -343,7 +275,7 @@ class KnowledgeBase(nn.Module):
     """Args: x (batch, H, W, C) normalised images; masks one (batch, channels) per block."""
     for channels, size, mask in zip(self.channels, self.kernel_sizes, masks, strict=True):
       x = crop_for_pool(x, size)
-      x = nn.relu(Conv(channels, size, self.conv_impl, pool=True)(x))
+      x = pooled_relu(Conv(channels, size, self.conv_impl)(x), self.conv_impl)
       x = x * mask[:, None, None, :]
     x = nn.relu(Dense(self.latent_dim)(x.reshape(x.shape[0], -1)))
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -155,8 +155,42 @@ class Conv(nn.Module):
       # (itself a convolution): 138 vs 219 ms per vmapped mini-task step at batch 128.
       rows, cols = x.shape[1] - size + 1, x.shape[2] - size + 1
       shifted = [x[:, i : i + rows, j : j + cols] for i in range(size) for j in range(size)]
-      y = jnp.concatenate(shifted, axis=-1) @ kernel.reshape(-1, self.features)
+      y = patches_matmul(jnp.concatenate(shifted, axis=-1), kernel.reshape(-1, self.features))
     return y + bias
+
+
+@jax.custom_vjp
+def patches_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+  """patches @ kernel, whose kernel gradient contracts a transposed copy of the patches.
+
+  XLA:CPU hands a dot to YNNPACK only when the contracted axis of its left operand is the
+  innermost one. JAX's own kernel gradient, patches^T @ dy, contracts the positions axis,
+  the outer one, and ran on Eigen after transposing dy; storing the patches transposed in
+  the forward pass makes it a YNNPACK dot (docs/performance.md). Same values up to float
+  rounding.
+
+  Args:
+    patches: (..., K) image patches.
+    kernel: (K, C_out).
+
+  Returns:
+    (..., C_out).
+  """
+  return patches @ kernel
+
+
+def _patches_matmul_forward(patches, kernel):
+  transposed = patches.reshape(-1, patches.shape[-1]).T
+  return patches @ kernel, (transposed, kernel)
+
+
+def _patches_matmul_backward(residuals, outputs_cotangent):
+  transposed, kernel = residuals
+  flat = outputs_cotangent.reshape(-1, outputs_cotangent.shape[-1])
+  return outputs_cotangent @ kernel.T, transposed @ flat
+
+
+patches_matmul.defvjp(_patches_matmul_forward, _patches_matmul_backward)
 
 
 # Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, arXiv 1509.09308): input

@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.meta_weight_decay = 0.1
   config.meta_sign = "paper"  # paper: towards the adapted copies | authors: away
   config.meta_accuracy_batch = "same"  # same (authors) | next: batch that scores acc_k
+  # auto | vmap | map: each device adapts its share of the K mini-tasks at once (vmap) or
+  # one after another (lax.map; the same numbers); auto: map on CPU, vmap elsewhere.
+  config.mini_task_map = "auto"
 
   # Ablations (configs/ablations.py).
   config.use_masks = True  # False: all-ones masks

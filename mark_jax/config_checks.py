@@ -122,6 +122,7 @@ FIELD_RULES = (
   FieldRule("meta_weight_decay", non_negative_float),
   FieldRule("meta_sign", one_of(("paper", "authors"))),
   FieldRule("meta_accuracy_batch", one_of(("same", "next"))),
+  FieldRule("mini_task_map", one_of(("auto", "vmap", "map")), default="vmap"),
   # Ablations, devices, checkpoints.
   FieldRule("use_masks", boolean),
   FieldRule("use_feature_extractor", boolean),

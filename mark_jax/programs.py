@@ -176,6 +176,7 @@ def new_programs(config, benchmark, runs: int | None = None) -> Programs:
     config,
     mean,
     std,
+    mini_task_map=metalearning.mini_task_map(config.mini_task_map, mesh.shape["mini_tasks"]),
     shard_mini_tasks=functools.partial(devices.shard_mini_tasks, mesh=mesh),
   )
   if runs is None:

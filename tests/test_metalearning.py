@@ -79,13 +79,24 @@ def test_accuracy_weights():
   np.testing.assert_allclose(metalearning.accuracy_weights(jnp.zeros(4)), [0.25] * 4)
 
 
-def _loop_map(fn):
-  """jax.vmap's contract, as a loop over the mini-tasks (lax.map: one mini-task at a time)."""
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_mini_tasks_mapped_in_groups_keep_their_order(groups):
+  def fn(x, pair):
+    return {"sum": x + pair[0], "product": x * pair[1]}, jnp.sum(x)
 
-  def mapped(*args):
-    return jax.lax.map(lambda one: fn(*one), args)
+  x = jnp.arange(6 * 4.0).reshape(6, 4)
+  pairs = (jnp.arange(6.0), jnp.arange(6.0) + 1)
+  want = jax.vmap(fn)(x, pairs)
+  got = jax.jit(metalearning.mini_task_map("map", groups)(fn))(x, pairs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(g, w)
 
-  return mapped
+
+def test_mini_task_map_by_backend():
+  assert metalearning.mini_task_map("vmap", 2) is jax.vmap
+  assert metalearning.mini_task_map("auto", 2) is not jax.vmap  # CPU: one after another
+  with pytest.raises(ValueError, match="mini_task_map must be one of"):
+    metalearning.mini_task_map("pmap", 2)
 
 
 def round_config(**overrides):
@@ -110,8 +121,8 @@ def as_arrays(settings: dict) -> dict:
   return {k: jnp.float32(v) for k, v in settings.items()}
 
 
-@pytest.mark.parametrize("accuracy_batch", ["same", "next"])
-def test_vmapped_round_equals_a_loop_over_the_mini_tasks(accuracy_batch):
+@pytest.mark.parametrize(("accuracy_batch", "groups"), [("same", 1), ("next", 2)])
+def test_vmapped_round_equals_the_mini_tasks_one_after_another(accuracy_batch, groups):
   config = round_config(meta_accuracy_batch=accuracy_batch)
   config.conv_impl = "patches"
   nets, kb, task, images, labels = round_inputs(config)
@@ -119,7 +130,8 @@ def test_vmapped_round_equals_a_loop_over_the_mini_tasks(accuracy_batch):
   args = (task, images, labels, jax.random.PRNGKey(2), settings)
   mean, std = facts.CIFAR_MEAN, facts.CIFAR_STD
   vmapped = jax.jit(metalearning.make_meta_round(nets, config, mean, std))
-  looped = jax.jit(metalearning.make_meta_round(nets, config, mean, std, mini_task_map=_loop_map))
+  in_turn = metalearning.mini_task_map("map", groups)
+  looped = jax.jit(metalearning.make_meta_round(nets, config, mean, std, mini_task_map=in_turn))
   kb_v, metrics_v = vmapped(kb, *args)
   kb_l, metrics_l = looped(kb, *args)
   for got, want in zip(jax.tree.leaves(kb_v), jax.tree.leaves(kb_l), strict=True):

@@ -21,7 +21,8 @@ from mark_jax.runtime.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 # Keys that do not change a run's numbers beyond float rounding: where data and
-# checkpoints come from, devices, the evaluation chunk size (accuracies are exact counts).
+# checkpoints come from, devices, the evaluation chunk size (accuracies are exact counts),
+# how a round maps over its mini-tasks.
 CHANGEABLE_KEYS = frozenset(
   {
     "data_dir",
@@ -32,6 +33,7 @@ CHANGEABLE_KEYS = frozenset(
     "restore_task",
     "restore_dir",
     "eval_batch_size",
+    "mini_task_map",
   }
 )
 FORCE_FLAG = "--allow_config_change"

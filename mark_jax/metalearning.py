@@ -118,7 +118,8 @@ def mini_task_map(name: str, groups: int) -> Callable:
   if name == "auto":
     name = "map" if jax.default_backend() == "cpu" else "vmap"
   if name not in MINI_TASK_MAPS:
-    raise ValueError(f"mini_task_map must be one of auto, vmap, map, got {name!r}")
+    allowed = ", ".join(("auto", *MINI_TASK_MAPS))
+    raise ValueError(f"mini_task_map must be one of {allowed}, got {name!r}")
   if name == "vmap":
     return jax.vmap
 
@@ -196,8 +197,7 @@ def make_meta_round(
     mean: normalisation mean.
     std: normalisation std.
     mini_task_map: maps the single mini-task adaptation over the K mini-tasks (all
-      arguments batched on axis 0): jax.vmap, `mini_task_map(...)`, or a Python loop in
-      tests.
+      arguments batched on axis 0): jax.vmap or a `mini_task_map`.
     shard_mini_tasks: places (K, batch, ...) arrays on devices inside jit
       (parallel.shard_mini_tasks).
 

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Phases 1, 2, 3, 5 (and 4 without metalearning): SGD with momentum.
   config.batch_size = 128
-  config.eval_batch_size = 500
+  config.eval_batch_size = 128  # the authors' test batch; split over the devices like batch_size
   config.epochs = 50  # authors' feats_epochs, used by every SGD phase
   config.learning_rate = 0.1  # authors' lr_task
   config.momentum = 0.9

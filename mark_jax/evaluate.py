@@ -8,6 +8,7 @@ checkpoint's KB. Prints one line per task beside the accuracy recorded during tr
 and writes WORKDIR/evaluation_task<N>.json.
 """
 
+import functools
 import json
 
 import jax
@@ -20,7 +21,7 @@ from mark_jax import phases, state
 from mark_jax import programs as programs_lib
 from mark_jax.data import datasets
 from mark_jax.models import Networks
-from mark_jax.runtime import checkpointing, logs
+from mark_jax.runtime import checkpointing, devices, logs
 from mark_jax.runtime import workdir as workdir_lib
 from mark_jax.runtime.errors import CheckpointError, run_or_exit
 
@@ -70,7 +71,10 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
   abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
   run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
   test = programs_lib.device_test_data(config, mesh, benchmark.tasks)
-  scores = phases.make_scores_fn(nets, benchmark.mean, benchmark.std, config.eval_batch_size)
+  shard_batch = functools.partial(devices.shard_batch, mesh=mesh)
+  scores = phases.make_scores_fn(
+    nets, benchmark.mean, benchmark.std, config.eval_batch_size, shard_batch
+  )
   evaluate_all = programs_lib.make_evaluate_all(scores, config.use_masks)
   seen = task % len(benchmark.tasks) + 1  # checkpoints count tasks over all passes
   accuracy = np.asarray(

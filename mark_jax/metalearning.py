@@ -199,7 +199,7 @@ def make_meta_round(
     mini_task_map: maps the single mini-task adaptation over the K mini-tasks (all
       arguments batched on axis 0): jax.vmap or a `mini_task_map`.
     shard_mini_tasks: places (K, batch, ...) arrays on devices inside jit
-      (parallel.shard_mini_tasks).
+      (devices.shard_mini_tasks).
 
   Returns:
     The un-jitted round function (jit it, or compose it under further transforms).

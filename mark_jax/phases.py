@@ -150,7 +150,7 @@ def make_epoch_fn(phase: Phase, batch_size: int, shard_batch: Callable = lambda 
   epoch's mean `loss` and `accuracy`, `first_nonfinite_step` (index of the first step whose
   loss is not finite, -1 if none) and `params_finite` (whether every trained parameter is
   finite at the end).
-  `shard_batch` places each batch on devices inside jit (parallel.shard_batch).
+  `shard_batch` places each batch on devices inside jit (devices.shard_batch).
   """
 
   def run_epoch(state, frozen, images, labels, rng):
@@ -297,9 +297,12 @@ def make_feature_statistics_fn(
   return statistics
 
 
-def make_scores_fn(nets: Networks, mean, std, eval_batch_size: int):
+def make_scores_fn(
+  nets: Networks, mean, std, eval_batch_size: int, shard_batch: Callable = lambda batch: batch
+):
   """`scores(model, images, labels, weights, use_masks)` of one task in eval mode, in one
-  pass over batches of eval_batch_size:
+  pass over batches of eval_batch_size, each split over the devices by `shard_batch`
+  (devices.shard_batch; replicated, every device would compute every batch):
 
   - 'accuracy' on the weighted examples;
   - 'mask_max', the largest mask value over the examples and blocks, and 'latent_norm', the
@@ -314,7 +317,7 @@ def make_scores_fn(nets: Networks, mean, std, eval_batch_size: int):
     chunks = lambda a: a.reshape(-1, eval_batch_size, *a.shape[1:])  # noqa: E731
 
     def body(sums, xs):
-      chunk_images, chunk_labels, chunk_weights = xs
+      chunk_images, chunk_labels, chunk_weights = shard_batch(xs)
       x = standardize(chunk_images, mean, std)
       masks = nets.masks(model, x, use_masks)
       latent = nets.latent(model, x, masks, train=False, rng=None)

@@ -75,7 +75,8 @@ class Programs:
 def make_mesh(config) -> jax.sharding.Mesh:
   """The run's device mesh; ConfigError when the config's sizes do not divide over it."""
   try:
-    return devices.make_mesh(config.mini_tasks, config.batch_size)
+    batch_sizes = {key: config[key] for key in ("batch_size", "eval_batch_size")}
+    return devices.make_mesh(config.mini_tasks, batch_sizes)
   except ValueError as error:
     raise ConfigError(str(error)) from None
 
@@ -181,7 +182,7 @@ def new_programs(config, benchmark, runs: int | None = None) -> Programs:
   )
   if runs is None:
     meta_round = functools.partial(meta_round, settings=metalearning.round_settings(config))
-  scores = phases_lib.make_scores_fn(nets, mean, std, config.eval_batch_size)
+  scores = phases_lib.make_scores_fn(nets, mean, std, config.eval_batch_size, shard_batch)
   use_masks = config.use_masks
   return Programs(
     nets=nets,

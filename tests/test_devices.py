@@ -24,7 +24,7 @@ from tiny import fresh_run, tiny_config
 from mark_jax import mark
 from mark_jax import programs as programs_lib
 
-benchmark, run, state = fresh_run(tiny_config())
+benchmark, run, state = fresh_run(tiny_config(eval_batch_size=40))  # divisible by 8
 state = mark.train_task(run, 0, state, benchmark.tasks[0])
 test = programs_lib.device_test_data(run.config, run.programs.mesh, benchmark.tasks)
 accuracy = run.programs.evaluate_all(state["knowledge_base"], state["tasks"], test, 1)
@@ -68,10 +68,11 @@ def test_eight_devices_give_the_one_device_results(reference):
 
 def test_mesh_splits_mini_tasks_then_batch():
   cpus = np.array(jax.devices() * 8)[:8]
-  mesh = devices.make_mesh(mini_tasks=10, batch_size=128, devices=cpus)
+  sizes = {"batch_size": 128, "eval_batch_size": 64}
+  mesh = devices.make_mesh(10, sizes, devices=cpus)
   assert dict(mesh.shape) == {"mini_tasks": 2, "batch": 4}
-  with pytest.raises(ValueError, match="not divisible"):
-    devices.make_mesh(mini_tasks=10, batch_size=100, devices=cpus)
+  with pytest.raises(ValueError, match="eval_batch_size 100 is not divisible by the 8"):
+    devices.make_mesh(10, {**sizes, "eval_batch_size": 100}, devices=cpus)
 
 
 def test_nothing_recompiles_between_tasks(reference):

@@ -21,19 +21,25 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def make_mesh(mini_tasks: int, batch_size: int, devices=None) -> Mesh:
+def make_mesh(mini_tasks: int, batch_sizes: dict[str, int], devices=None) -> Mesh:
   """A ('mini_tasks', 'batch') mesh over `devices` (default: all).
 
   The 'mini_tasks' axis gets as many devices as divide both K and the device count; the
   rest go to 'batch'.
 
+  Args:
+    mini_tasks: K, the mini-tasks of a metalearning round.
+    batch_sizes: each batch size that is split over all devices, by config key.
+    devices: the devices (default: all).
+
   Raises:
-    ValueError: if the batch cannot be split evenly over the devices.
+    ValueError: if a batch cannot be split evenly over the devices.
   """
   devices = np.asarray(jax.devices() if devices is None else devices)
   count = devices.size
-  if batch_size % count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {count} devices")
+  for key, size in batch_sizes.items():
+    if size % count:
+      raise ValueError(f"{key} {size} is not divisible by the {count} devices")
   task_axis = math.gcd(mini_tasks, count)
   return Mesh(devices.reshape(task_axis, count // task_axis), ("mini_tasks", "batch"))
 

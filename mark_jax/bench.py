@@ -134,22 +134,29 @@ def run(config, repeats: int, time_task: bool, profile_dir: str = "") -> dict:
     "phases": {},
   }
 
+  # The phases after F^t's read its features as a run hands them (mark.with_task_features).
+  later_data = mark.with_task_features(programs, config, model, data)
+  later_inputs = later_data["train_image"]
+  later_batch = {**batch, "image": jax.tree.map(lambda a: a[: config.batch_size], later_inputs)}
   for name in PHASES:
     phase = programs.phases[name]
     if name == "feature_extractor":
       params, frozen, model_state = mark.feature_phase_inputs(programs, model, rng)
+      inputs, step_batch = data["train_image"], batch
     else:
       params, frozen, model_state = mark.phase_inputs(phase, model)
+      inputs, step_batch = later_inputs, later_batch
     # Built and placed as a run builds and places them: the very programs a run compiles.
     # Copied: the epoch donates its state, and `params` serve the phases after this one.
     donated = jax.tree.map(jnp.copy, programs.init_phase_states[name](params, model_state))
     frozen, epoch_rng = devices.replicate((frozen, rng), programs.mesh)
-    args = (donated, frozen, data["train_image"], data["train_label"], epoch_rng)
+    args = (donated, frozen, inputs, data["train_label"], epoch_rng)
     compiled, compile_s = _compile(programs.epoch_fns[name], args)
     args = (compiled(*args)[0], *args[1:])
     epoch_s = float(np.median(_time(compiled, args, repeats)[0]))
     step = functools.partial(phases_lib.train_step, native_phases[name])
-    flops = _flops(step, frozen, phases_lib.init_state(phase, params, model_state), batch, rng)
+    state_0 = phases_lib.init_state(phase, params, model_state)
+    flops = _flops(step, frozen, state_0, step_batch, rng)
     step_s = epoch_s / steps_per_epoch
     results["phases"][name] = {
       "compile_s": compile_s,
@@ -164,7 +171,7 @@ def run(config, repeats: int, time_task: bool, profile_dir: str = "") -> dict:
   task_vars = {k: v for k, v in model.items() if k != "knowledge_base"}
   kb = jax.tree.map(jnp.copy, run_state["knowledge_base"])
   kb, task_vars, round_rng = devices.replicate((kb, task_vars, rng), programs.mesh)
-  args = (kb, task_vars, data["train_image"], data["train_label"], round_rng)
+  args = (kb, task_vars, later_inputs, data["train_label"], round_rng)
   compiled, compile_s = _compile(programs.meta_round, args)
   round_seconds, args = _time(compiled, args, repeats)
   round_s = float(np.median(round_seconds))

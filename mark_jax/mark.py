@@ -265,6 +265,22 @@ def metalearn(run: Run, t, model, data, rng, settings=None):
     )
 
 
+def with_task_features(programs: Programs, config, model: dict, data: dict) -> dict:
+  """The task's device data with F^t's features of its training images beside them.
+
+  From here on F^t is frozen, so its features are computed once and the masks read them
+  (Networks.masks) instead of running F^t in every step. The data stay as they are where
+  the masks do not run a frozen F^t: no masks, features that come with the data (a
+  ResNet-18's), or F^t in training mode on each batch (feature_bn_statistics 'batch').
+  """
+  nets = programs.nets
+  if not config.use_masks or nets.cached_features or nets.masks_from_batch_statistics:
+    return data
+  images = data["train_image"]
+  features = programs.task_features(model["feature_extractor"], images)
+  return {**data, "train_image": {"image": images, "features": features}}
+
+
 @jax.jit
 def split_in_two(key) -> tuple:
   """Two keys from one."""
@@ -307,6 +323,8 @@ def train_task(run: Run, t: int, run_state: dict, task_data, settings=None) -> d
     )
   elif trains_features and t:
     model["feature_extractor"] = task_slot(run_state["tasks"], 0)["feature_extractor"]
+  with run.timer("task features"):
+    data = jax.block_until_ready(with_task_features(run.programs, config, model, data))
   # The authors' masks learn at the full rate with an F of the task's own or a random one,
   # at a tenth of it with a shared F^0 or a ResNet-18.
   full_rate = own_features or config.random_feature_extractor

@@ -439,12 +439,13 @@ class Networks:
     return self.head.init(rng, jnp.zeros((1, self.knowledge_base.latent_dim)))
 
   def masks(self, model: dict, inputs: Inputs, use_masks: bool) -> Masks:
-    """Per-example masks from the task's frozen F^t (inference mode), or the cached
-    features, and M^t; `inputs` standardized."""
+    """Per-example masks from the task's frozen F^t (inference mode), or the features
+    that come with the inputs (a ResNet-18's, or F^t's computed once per task:
+    `features_fn`), and M^t; `inputs` standardized."""
     images = images_of(inputs)
     if not use_masks:
       return ones_masks(images.shape[0], self.kb_channels)
-    if self.cached_features:
+    if isinstance(inputs, dict) and "features" in inputs:
       features = inputs["features"]
     else:
       features = self.feature_extractor.apply(model["feature_extractor"], images, train=False)

@@ -297,6 +297,30 @@ def make_feature_statistics_fn(
   return statistics
 
 
+def make_features_fn(
+  nets: Networks, batch_size: int, mean, std, shard_batch: Callable = lambda batch: batch
+):
+  """`(F^t's variables, images) -> features`: F^t in inference mode over the images, in
+  batches of `batch_size` (the last one padded), each split over the devices (not jitted).
+
+  Once F^t is frozen, its features of a task's training images do not change: computed once,
+  they replace an F^t pass in every step of the masks, metalearning and consolidation steps.
+  """
+
+  def features(variables, images):
+    count = images.shape[0]
+    padding = [(0, -count % batch_size)] + [(0, 0)] * (images.ndim - 1)
+    batches = jnp.pad(images, padding).reshape(-1, batch_size, *images.shape[1:])
+
+    def one(batch):
+      x = normalize(shard_batch(batch), mean, std)
+      return nets.feature_extractor.apply(variables, x, train=False)
+
+    return lax.map(one, batches).reshape(-1, nets.feature_extractor.feature_dim)[:count]
+
+  return features
+
+
 def make_scores_fn(
   nets: Networks, mean, std, eval_batch_size: int, shard_batch: Callable = lambda batch: batch
 ):

@@ -48,6 +48,7 @@ class Programs:
     epoch_fns: one jitted epoch of each phase.
     init_probe: F^t's throw-away linear probe from a key (jitted).
     feature_statistics: F^t's batch-norm statistics recomputed over a task's images.
+    task_features: F^t's features of a task's training images (phases.make_features_fn).
     meta_round: one jitted metalearning round `(kb, task, images, labels, rng)`; with a run
       axis it takes the runs' stacked round settings as a sixth argument.
     scores: a model's accuracy on weighted examples, its masks' largest value and its masked
@@ -65,6 +66,7 @@ class Programs:
   epoch_fns: dict
   init_probe: Callable
   feature_statistics: Callable
+  task_features: Callable
   meta_round: Callable
   scores: Callable
   evaluate_all: Callable
@@ -209,6 +211,11 @@ def new_programs(config, benchmark, runs: int | None = None) -> Programs:
       per_run(
         phases_lib.make_feature_statistics_fn(nets, config.batch_size, mean, std, shard_batch)
       )
+    ),
+    # Replicated like the images beside them.
+    task_features=jax.jit(
+      per_run(phases_lib.make_features_fn(nets, config.batch_size, mean, std, shard_batch)),
+      out_shardings=devices.replicated(mesh),
     ),
     meta_round=jax.jit(per_run(meta_round), donate_argnums=0),
     scores=jax.jit(per_run(scores, (0, 0, 0, 0, None)), static_argnums=4),

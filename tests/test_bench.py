@@ -49,7 +49,7 @@ def test_bench_reports_every_phase_and_counts_the_convolutions(tmp_path):
   assert [op["seconds"] for op in ops] == sorted((op["seconds"] for op in ops), reverse=True)
   named = sum(op["seconds"] for op in ops)
   assert 0.2 * profile["seconds"] < named <= os.cpu_count() * profile["seconds"]
-  assert any("Conv_1/dot_general" in op["source"] for op in ops)
+  assert any("KnowledgeBase)/Conv_1/" in op["source"] for op in ops)
   assert "traced meta round" in bench.format_table(results)
   # Task 1 as launch.py trains it, every second named by a part but the loop's own.
   parts = results["task_parts_s"]

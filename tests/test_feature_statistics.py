@@ -97,3 +97,36 @@ def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(run_of_mode
     atol=1e-5,
   )
   assert close == (mode == "recomputed")
+
+
+def test_task_features_are_the_feature_extractor_on_every_image():
+  """make_features_fn in batches of 8 (the last one padded) equals F^t on all images at once."""
+  config = tiny_config()
+  nets = Networks(config, config.image_size, 5)
+  variables = jax.jit(nets.init_task)(jax.random.PRNGKey(0))["feature_extractor"]
+  images = jax.random.uniform(jax.random.PRNGKey(1), (21, config.image_size, config.image_size, 3))
+  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  features = jax.jit(phases.make_features_fn(nets, 8, mean, std))(variables, images)
+  direct = nets.feature_extractor.apply(variables, models.normalize(images, mean, std), train=False)
+  assert features.shape == (21, nets.feature_extractor.feature_dim)
+  np.testing.assert_allclose(features, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_read_the_task_features_except_in_batch_mode(run_of_mode):
+  """After F^t's step the phases get its features with the images (mark.with_task_features),
+  the same masks as F^t on the images; in batch mode F^t runs on each batch instead."""
+  mode, benchmark, run, run_state = run_of_mode
+  model = task_model(run_state, 1)
+  device_data = programs_lib.device_data(run.config, run.programs.mesh, benchmark.tasks[1])
+  data = mark.with_task_features(run.programs, run.config, model, device_data)
+  if mode == "batch":
+    assert data is device_data
+    return
+  inputs = data["train_image"]
+  assert set(inputs) == {"image", "features"}
+  nets, mean, std = run.programs.nets, benchmark.mean, benchmark.std
+  images = models.normalize(inputs["image"], mean, std)
+  cached = nets.masks(model, {"image": images, "features": inputs["features"]}, True)
+  direct = nets.masks(model, images, True)
+  for a, b in zip(cached, direct, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -15,12 +15,21 @@ def _snapshot(tree):
   return jax.tree.map(np.array, tree)
 
 
-def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance():
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _fresh_feature_extractor(count: int):
+  """(networks, a fresh F^t's variables, `count` random images) of the tiny config."""
   config = tiny_config()
   nets = Networks(config, config.image_size, 5)
   variables = jax.jit(nets.init_task)(jax.random.PRNGKey(0))["feature_extractor"]
-  images = jax.random.uniform(jax.random.PRNGKey(1), (24, config.image_size, config.image_size, 3))
-  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  shape = (count, config.image_size, config.image_size, 3)
+  return nets, variables, jax.random.uniform(jax.random.PRNGKey(1), shape)
+
+
+def test_recomputed_statistics_are_the_population_mean_and_mean_batch_variance():
+  nets, variables, images = _fresh_feature_extractor(24)
+  mean, std = MEAN, STD
   batch_size = 8  # three full batches
   statistics = phases.make_feature_statistics_fn(nets, batch_size, mean, std)
   stats = statistics(variables, images, jax.random.PRNGKey(2))
@@ -101,13 +110,9 @@ def test_feature_phase_recomputes_statistics_only_in_recomputed_mode(run_of_mode
 
 def test_task_features_are_the_feature_extractor_on_every_image():
   """make_features_fn in batches of 8 (the last one padded) equals F^t on all images at once."""
-  config = tiny_config()
-  nets = Networks(config, config.image_size, 5)
-  variables = jax.jit(nets.init_task)(jax.random.PRNGKey(0))["feature_extractor"]
-  images = jax.random.uniform(jax.random.PRNGKey(1), (21, config.image_size, config.image_size, 3))
-  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-  features = jax.jit(phases.make_features_fn(nets, 8, mean, std))(variables, images)
-  direct = nets.feature_extractor.apply(variables, models.normalize(images, mean, std), train=False)
+  nets, variables, images = _fresh_feature_extractor(21)
+  features = jax.jit(phases.make_features_fn(nets, 8, MEAN, STD))(variables, images)
+  direct = nets.feature_extractor.apply(variables, models.normalize(images, MEAN, STD), train=False)
   assert features.shape == (21, nets.feature_extractor.feature_dim)
   np.testing.assert_allclose(features, direct, rtol=1e-5, atol=1e-6)
 

@@ -8,7 +8,6 @@ checkpoint's KB. Prints one line per task beside the accuracy recorded during tr
 and writes WORKDIR/evaluation_task<N>.json.
 """
 
-import functools
 import json
 
 import jax
@@ -17,11 +16,10 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mark_jax import phases, state
 from mark_jax import programs as programs_lib
+from mark_jax import state
 from mark_jax.data import datasets
-from mark_jax.models import Networks
-from mark_jax.runtime import checkpointing, devices, logs
+from mark_jax.runtime import checkpointing, logs
 from mark_jax.runtime import workdir as workdir_lib
 from mark_jax.runtime.errors import CheckpointError, run_or_exit
 
@@ -66,19 +64,13 @@ def evaluate(workdir: str, task: int | None = None, data_dir: str | None = None)
     if task is None:
       raise CheckpointError(f"{workdir} has no checkpoint yet")
   benchmark = datasets.load_benchmark(config)
-  nets = Networks(config, benchmark.image_size, benchmark.classes_per_task)
-  mesh = programs_lib.make_mesh(config)
-  abstract = state.abstract(nets, config.seed, len(benchmark.tasks), mesh)
+  programs = programs_lib.build_programs(config, benchmark)  # compiles only when called
+  abstract = state.abstract(programs.nets, config.seed, len(benchmark.tasks), programs.mesh)
   run_state, matrix, _ = checkpointing.restore(mngr, task, abstract)
-  test = programs_lib.device_test_data(config, mesh, benchmark.tasks)
-  shard_batch = functools.partial(devices.shard_batch, mesh=mesh)
-  scores = phases.make_scores_fn(
-    nets, benchmark.mean, benchmark.std, config.eval_batch_size, shard_batch
-  )
-  evaluate_all = programs_lib.make_evaluate_all(scores, config.use_masks)
+  test = programs_lib.device_test_data(config, programs.mesh, benchmark.tasks)
   seen = task % len(benchmark.tasks) + 1  # checkpoints count tasks over all passes
   accuracy = np.asarray(
-    jax.jit(evaluate_all)(run_state["knowledge_base"], run_state["tasks"], test, seen)
+    programs.evaluate_all(run_state["knowledge_base"], run_state["tasks"], test, seen)
   )
   return {
     "workdir": str(workdir),

@@ -441,7 +441,7 @@ class Networks:
   def masks(self, model: dict, inputs: Inputs, use_masks: bool) -> Masks:
     """Per-example masks from the task's frozen F^t (inference mode), or the features
     that come with the inputs (a ResNet-18's, or F^t's computed once per task:
-    `features_fn`), and M^t; `inputs` standardized."""
+    mark.with_task_features), and M^t; `inputs` standardized."""
     images = images_of(inputs)
     if not use_masks:
       return ones_masks(images.shape[0], self.kb_channels)
